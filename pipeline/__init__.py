@@ -1,0 +1,1 @@
+"""The FashionNet pipeline: Prefect flows for each DVC stage, and the `fashionnet` CLI."""

@@ -1,0 +1,80 @@
+"""The ``fashionnet`` command: one subcommand per DVC stage, each run as a Prefect flow.
+
+Exit status: 0 on success; 2 on bad input (a data file or params.yaml), with one line on
+stderr naming the file or key; 1 on any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+STAGE_HELP = {
+    "download": "the four Fashion-MNIST IDX files into data/raw/, verified",
+    "split": "stratified train/validation split + the official test set into data/prepared/",
+    "train": "train FashionNet: models/, metrics/history.csv",
+    "evaluate": "accuracy/loss on train, val and test; per-class report; predictions",
+    "report": "reports/report.md and its figures",
+}
+
+
+class _DropInputErrorTracebacks(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; for bad input the CLI's one
+    line says it all, so those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fashionnet.errors import InputError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, InputError)
+
+
+def _configure_prefect() -> None:
+    # Library log lines (one per epoch) reach Prefect's run logs and UI.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "fashionnet")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import prefect.logging.configuration  # noqa: F401  (sets up Prefect's handlers)
+
+    quiet = _DropInputErrorTracebacks()
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fashionnet", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in STAGE_HELP.items():
+        sub.add_parser(name, help=f"DVC stage {name}: {text}", description=text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fashionnet.errors import InputError
+    from pipeline.params import load_params
+
+    try:
+        params = load_params()
+        _configure_prefect()
+        from pipeline.flows import STAGES
+
+        STAGES[args.command](params)
+    except InputError as e:
+        print(f"fashionnet {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"fashionnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        print(f"fashionnet {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""params.yaml, parsed once into frozen, validated models: the single source of truth."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fashionnet.data import SplitConfig
+from fashionnet.errors import ConfigError
+from fashionnet.train import TrainConfig
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class DownloadConfig(BaseModel):
+    """Where the raw files come from, tried in order: ``source_dir`` (or the environment
+    variable FASHIONNET_SOURCE_DIR), Debian's dataset-fashion-mnist, then the mirrors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source_dir: str | None = None
+    mirrors: tuple[str, ...] = Field(
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",), min_length=1
+    )
+
+
+class ScheduleConfig(BaseModel):
+    """When the scheduled deployment retrains."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cron: str = "0 3 * * 1"  # UTC
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=value, timezone="UTC")
+        except ValidationError:
+            raise ValueError(f"{value!r} is not a valid cron expression") from None
+        return value
+
+
+class Params(BaseModel):
+    """Every section of params.yaml."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    download: DownloadConfig = DownloadConfig()
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{key}: missing"
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; a problem raises ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(str(path), f"not valid YAML{line}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "must be a mapping of sections (split, train, ...)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        first = _describe(e.errors()[0])
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"{path}: {first.split(':', 1)[0]}",
+                          first.split(": ", 1)[1] + more) from None

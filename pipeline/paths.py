@@ -1,0 +1,25 @@
+"""Where each stage reads and writes, relative to the repository root (dvc.yaml's outs).
+
+tests/test_dvc.py checks that dvc.yaml declares exactly these paths.
+"""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+PREPARED_DIR = Path("data/prepared")
+PREPARED = {name: PREPARED_DIR / f"{name}.npz" for name in ("train", "val", "test")}
+
+MODEL = Path("models/fashionnet.pt")
+TRAIN_INFO = Path("models/train_info.json")
+
+METRICS_DIR = Path("metrics")
+HISTORY = METRICS_DIR / "history.csv"
+METRICS_JSON = METRICS_DIR / "metrics.json"
+ACCURACY = METRICS_DIR / "accuracy.csv"
+CLASS_REPORT = METRICS_DIR / "classification_report.csv"
+PREDICTIONS = METRICS_DIR / "predictions.csv"
+
+REPORTS_DIR = Path("reports")
+REPORT = REPORTS_DIR / "report.md"
+LEARNING_CURVES = REPORTS_DIR / "learning_curves.png"
+CONFUSION_MATRIX = REPORTS_DIR / "confusion_matrix.png"
