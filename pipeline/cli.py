@@ -7,6 +7,7 @@ stderr naming the file or key; 1 on any other failure.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -37,12 +38,12 @@ def _configure_prefect() -> None:
     # Library log lines (one per epoch) reach Prefect's run logs and UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "fashionnet")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    import prefect.logging.configuration  # noqa: F401  (sets up Prefect's handlers)
+    from prefect.logging.configuration import setup_logging
 
-    quiet = _DropInputErrorTracebacks()
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(quiet)
+    setup_logging()  # Prefect's console handler sits on the root logger
+    logging.getLogger("fashionnet").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropInputErrorTracebacks())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fashionnet.errors import InputError
     from pipeline.params import load_params
 
+    _configure_prefect()
     try:
         params = load_params()
-        _configure_prefect()
-        from pipeline.flows import STAGES
-
-        STAGES[args.command](params)
+        stage = importlib.import_module(f"pipeline.{args.command}")  # only this stage's imports
+        getattr(stage, f"{args.command}_flow")(params)
     except InputError as e:
         print(f"fashionnet {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

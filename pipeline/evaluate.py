@@ -1,0 +1,50 @@
+"""Stage `evaluate`: loss and accuracy on train, val and test; per-class report; predictions."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from fashionnet import FashionNet
+from fashionnet.data import LabeledImages, load_split
+from fashionnet.evaluate import SplitResult, evaluate, per_class_report
+from fashionnet.files import write_text
+from fashionnet.train import resolve_device
+from pipeline import paths
+from pipeline.params import Params
+
+SPLITS = ("train", "val", "test")
+
+
+@task(cache_policy=NO_CACHE, task_run_name="evaluate-{name}")
+def evaluate_split(model: FashionNet, name: str, data: LabeledImages,
+                   device: torch.device) -> SplitResult:
+    return evaluate(model, data, device)
+
+
+@flow(name="evaluate")
+def evaluate_flow(params: Params) -> dict[str, float]:
+    """metrics/{metrics.json, accuracy.csv, classification_report.csv, predictions.csv}."""
+    device = resolve_device(params.train.device)
+    model = FashionNet()
+    model.load_state_dict(torch.load(paths.MODEL, map_location="cpu", weights_only=True))
+    model.to(device)
+    data = {name: load_split(paths.PREPARED[name]) for name in SPLITS}
+    results = {name: evaluate_split(model, name, data[name], device) for name in SPLITS}
+    accuracy = {name: r.accuracy for name, r in results.items()}
+    loss = {name: r.loss for name, r in results.items()}
+    write_text(paths.METRICS_JSON,
+               json.dumps({"accuracy": accuracy, "loss": loss}, indent=2) + "\n")
+    table = pd.DataFrame({"split": SPLITS, "accuracy": accuracy.values(), "loss": loss.values()})
+    write_text(paths.ACCURACY, table.to_csv(index=False))
+    labels, predicted = data["test"].labels.numpy(), results["test"].predictions
+    write_text(paths.CLASS_REPORT, per_class_report(labels, predicted).to_csv(index=False))
+    predictions = pd.DataFrame({"index": range(len(labels)), "actual": labels,
+                                "predicted": predicted})
+    write_text(paths.PREDICTIONS, predictions.to_csv(index=False))
+    get_run_logger().info("accuracy: %s", {k: round(v, 4) for k, v in accuracy.items()})
+    return accuracy

@@ -1,0 +1,27 @@
+"""Stage `split`: stratified train/validation split + the official test set."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import flow, get_run_logger
+
+from fashionnet.data import load_raw, save_split, stratified_split
+from pipeline import paths
+from pipeline.params import Params
+
+
+@flow(name="split")
+def split_flow(params: Params) -> dict[str, int]:
+    """data/prepared/{train,val,test}.npz; each keeps its images' index in the source file."""
+    train_full, test = load_raw(paths.RAW_DIR)
+    train_idx, val_idx = stratified_split(train_full.labels.numpy(), params.split)
+    parts = {
+        "train": (train_full.subset(train_idx), train_idx),
+        "val": (train_full.subset(val_idx), val_idx),
+        "test": (test, np.arange(len(test))),
+    }
+    for name, (data, index) in parts.items():
+        save_split(paths.PREPARED[name], data, index)
+    sizes = {name: len(data) for name, (data, _) in parts.items()}
+    get_run_logger().info("split sizes: %s", sizes)
+    return sizes

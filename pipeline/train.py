@@ -1,0 +1,55 @@
+"""Stage `train`: FashionNet with the seed's recipe."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+
+import pandas as pd
+import torch
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from fashionnet import FashionNet
+from fashionnet.data import LabeledImages, load_split
+from fashionnet.files import atomic_path, write_text
+from fashionnet.train import EpochStats, TrainConfig, init_model, resolve_device, train
+from pipeline import paths
+from pipeline.params import Params
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+
+
+@task(cache_policy=NO_CACHE)
+def fit(model: FashionNet, train_set: LabeledImages, val_set: LabeledImages,
+        cfg: TrainConfig) -> list[EpochStats]:
+    return train(model, train_set, val_set, cfg)
+
+
+@flow(name="train")
+def train_flow(params: Params) -> list[EpochStats]:
+    """models/fashionnet.pt (state_dict), metrics/history.csv, models/train_info.json."""
+    cfg = params.train
+    started = datetime.now(timezone.utc)
+    train_set, val_set = load_split(paths.PREPARED["train"]), load_split(paths.PREPARED["val"])
+    device = resolve_device(cfg.device)
+    model = init_model(cfg.seed)
+    history = fit(model, train_set, val_set, cfg)
+    with atomic_path(paths.MODEL) as tmp:
+        torch.save(model.cpu().state_dict(), tmp)
+    frame = pd.DataFrame([vars(s) for s in history])
+    write_text(paths.HISTORY, frame[HISTORY_COLUMNS].to_csv(index=False))
+    info = {  # what the report states about the run
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(sum(s.seconds for s in history), 1),
+        "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "params": params.model_dump(include={"split", "train"}),
+    }
+    write_text(paths.TRAIN_INFO, json.dumps(info, indent=2) + "\n")
+    return history
