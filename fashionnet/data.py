@@ -13,7 +13,22 @@ from sklearn.model_selection import train_test_split
 
 from fashionnet.errors import ConfigError, DataError
 from fashionnet.files import atomic_path
-from fashionnet.model import IMAGE_SIZE, NUM_CLASSES
+
+# The ten classes, in label order.
+CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASSES)
+IMAGE_SIZE = 28
 
 # The official file names, uncompressed (what data/raw/ holds).
 TRAIN_IMAGES = "train-images-idx3-ubyte"

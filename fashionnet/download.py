@@ -10,7 +10,7 @@ import gzip
 import hashlib
 import logging
 import os
-import tempfile
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -43,21 +43,24 @@ def is_official(path: str | os.PathLike[str], name: str) -> bool:
         return False
 
 
-def read_verified(path: str | os.PathLike[str], name: str) -> bytes:
-    """The decompressed bytes of ``path`` (plain or .gz), refused unless they are the
-    official ``name``."""
-    path = Path(path)
-    raw = path.read_bytes()
+def verified(raw: bytes, name: str, origin: str | os.PathLike[str]) -> bytes:
+    """``raw`` (plain or gzip) decompressed, refused unless it is the official ``name``;
+    errors name ``origin``, the file or URL it came from."""
     if raw[:2] == b"\x1f\x8b":  # gzip magic
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
-            raise DataError(path, f"corrupt gzip data ({e})") from None
+            raise DataError(origin, f"corrupt gzip data ({e})") from None
     digest = sha256(raw)
     if digest != OFFICIAL_SHA256[name]:
-        raise DataError(path, f"is not the official {name}: SHA-256 {digest[:16]}... "
-                              f"expected {OFFICIAL_SHA256[name][:16]}...")
+        raise DataError(origin, f"is not the official {name}: SHA-256 {digest[:16]}... "
+                                f"expected {OFFICIAL_SHA256[name][:16]}...")
     return raw
+
+
+def read_verified(path: str | os.PathLike[str], name: str) -> bytes:
+    """The decompressed bytes of the file ``path``, refused unless they are ``name``'s."""
+    return verified(Path(path).read_bytes(), name, path)
 
 
 def find_local(name: str, directories: list[Path]) -> Path | None:
@@ -69,14 +72,21 @@ def find_local(name: str, directories: list[Path]) -> Path | None:
     return None
 
 
-def fetch(name: str, mirror: str) -> bytes:
-    """Download ``name.gz`` from ``mirror`` (torchvision's downloader) and verify it."""
-    from torchvision.datasets.utils import download_url  # heavy import, only when needed
+def fetch(name: str, mirror: str, timeout: float = 60.0) -> bytes:
+    """Download ``name.gz`` from ``mirror`` and verify it.
 
+    A body shorter than its Content-Length raises ConnectionError (``urllib`` and
+    torchvision's ``download_url`` would silently keep the truncated bytes), so the caller
+    can tell a dropped connection, worth a retry, from a wrong file (DataError).
+    """
     url = mirror.rstrip("/") + f"/{name}.gz"
-    with tempfile.TemporaryDirectory(prefix="fashionnet-download-") as tmp:
-        download_url(url, tmp, filename=f"{name}.gz")
-        return read_verified(Path(tmp) / f"{name}.gz", name)
+    request = urllib.request.Request(url, headers={"User-Agent": "fashionnet"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        expected = response.headers.get("Content-Length")
+        body = response.read()
+    if expected is not None and len(body) != int(expected):
+        raise ConnectionError(f"{url}: connection dropped after {len(body)} of {expected} bytes")
+    return verified(body, name, url)
 
 
 def install(raw_dir: str | os.PathLike[str], name: str, data: bytes) -> Path:

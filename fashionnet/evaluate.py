@@ -11,8 +11,7 @@ from sklearn.metrics import classification_report
 from torch import nn
 from torch.nn import functional as F
 
-from fashionnet.data import LabeledImages, to_input
-from fashionnet.model import CLASSES
+from fashionnet.data import CLASSES, LabeledImages, to_input
 
 EVAL_BATCH = 2000  # images per forward pass; no gradients, so memory stays small
 

@@ -6,20 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-CLASSES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-NUM_CLASSES = len(CLASSES)
-IMAGE_SIZE = 28
+from fashionnet.data import NUM_CLASSES
 
 
 class Dropout(nn.Module):

@@ -39,11 +39,16 @@ def _configure_prefect() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "fashionnet")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
 
     setup_logging()  # Prefect's console handler sits on the root logger
     logging.getLogger("fashionnet").setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropInputErrorTracebacks())
+        if isinstance(handler, PrefectConsoleHandler):
+            # Progress logs go to stdout; stderr carries only what went wrong.
+            handler.setStream(sys.stdout)
+            handler.console.file = sys.stdout
 
 
 def build_parser() -> argparse.ArgumentParser:

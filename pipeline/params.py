@@ -61,10 +61,11 @@ def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
-    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{key}: missing"
-    return f"{key}: {message} (got {error['input']!r})"
+    if error["type"] == "value_error":  # our validators' messages quote the value already
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{key}: {error['msg']} (got {error['input']!r})"
 
 
 def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:

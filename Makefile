@@ -1,0 +1,37 @@
+# `make repro` and `make test` work on a fresh machine: each sets up what it needs first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data repro test lint clean-venv
+
+## setup: the virtual environment with the project and its tools (pip, editable install)
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## data: Debian's copy of Fashion-MNIST where apt can install it; elsewhere the download
+## stage fetches the files from the official mirror instead.
+data:
+	@if [ -f $(DEBIAN_DATA) ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
+	else echo "dataset-fashion-mnist not installed: fashionnet download will use the network"; fi
+
+## repro: the main job, the whole DVC pipeline (download, split, train, evaluate, report)
+repro: setup data
+	dvc repro
+
+## test: the test suite (needs the real data: Debian's package or FASHIONNET_SOURCE_DIR)
+test: setup data
+	pytest
+
+lint: setup
+	ruff check .

@@ -1,0 +1,133 @@
+"""Shared fixtures: the real Fashion-MNIST files, a copy of the repository, a Prefect server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fashionnet import download
+from fashionnet.data import RAW_FILES, LabeledImages, load_raw
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment's console scripts: fashionnet, dvc, prefect
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The four official files, uncompressed and verified, from Debian's dataset-fashion-mnist
+    (what .ci/run installs) or FASHIONNET_SOURCE_DIR."""
+    sources = [Path(p) for p in (os.environ.get("FASHIONNET_SOURCE_DIR"), download.DEBIAN_DIR)
+               if p]
+    target = tmp_path_factory.mktemp("raw")
+    for name in RAW_FILES:
+        source = download.find_local(name, sources)
+        if source is None:
+            pytest.fail(f"{name} not found in {sources}: install Debian's dataset-fashion-mnist "
+                        "(apt-get install dataset-fashion-mnist) or set FASHIONNET_SOURCE_DIR")
+        download.install(target, name, download.read_verified(source, name))
+    return target
+
+
+@pytest.fixture(scope="session")
+def official(raw_dir: Path) -> tuple[LabeledImages, LabeledImages]:
+    """The official training (60,000) and test (10,000) sets."""
+    return load_raw(raw_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server on loopback for the whole session; its API URL."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
+    server = subprocess.Popen(
+        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"Prefect server did not start:\n{(home / 'server.log').read_text()}")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """In-process flows run against Prefect's test harness (a temporary server and database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path, raw_dir: Path) -> Path:
+    """A fresh git + DVC checkout of this repository's tracked files, as a user would clone it."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    dest = tmp_path / "repo"
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "clone"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture
+def cli_env(repo_copy: Path, prefect_api: str, raw_dir: Path) -> dict[str, str]:
+    """Environment for `fashionnet` / `dvc` run in ``repo_copy``, on the copy's code, against
+    the session's Prefect server, with the real data as the local source."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_API_URL": prefect_api, "FASHIONNET_SOURCE_DIR": str(raw_dir),
+            "PYTHONPATH": str(repo_copy)}
+
+
+def set_params(repo: Path, **changes: object) -> None:
+    """Edit params.yaml in ``repo``: set_params(repo, **{"train.epochs": 1})."""
+    import yaml
+
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

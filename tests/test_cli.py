@@ -1,0 +1,60 @@
+"""The `fashionnet` command's exit status and its one line on stderr, per the contract."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import set_params
+
+
+def run(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["fashionnet", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_bad_input(result: subprocess.CompletedProcess[str], *names: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for name in names:
+        assert name in lines[0]
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("train.lr", "fast"), ("train.epochs", -1), ("split.limit", 2.5), ("train.device", "tpu"),
+])
+def test_bad_params_exit_2_naming_the_key(repo_copy, cli_env, key, value):
+    set_params(repo_copy, **{key: value})
+    assert_bad_input(run(repo_copy, cli_env, "train"), "params.yaml", key)
+
+
+def test_bad_and_missing_data_files_exit_2_naming_the_file(repo_copy, cli_env, raw_dir):
+    assert_bad_input(run(repo_copy, cli_env, "split"),
+                     "data/raw/train-images-idx3-ubyte", "file not found")
+    raw = repo_copy / "data" / "raw"
+    raw.mkdir(parents=True)
+    for f in raw_dir.iterdir():
+        (raw / f.name).write_bytes(f.read_bytes())
+    labels = raw / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-10])  # truncated
+    assert_bad_input(run(repo_copy, cli_env, "split"), str(labels.relative_to(repo_copy)),
+                     "truncated")
+    assert not (repo_copy / "data" / "prepared").exists()  # nothing half-written
+
+
+def test_other_failures_exit_1(repo_copy, cli_env):
+    result = run(repo_copy, cli_env, "report")  # no metrics: the stages before it never ran
+    assert result.returncode == 1
+    assert "FileNotFoundError" in result.stderr and "metrics/history.csv" in result.stderr
+    result = run(repo_copy, cli_env, "bogus")
+    assert result.returncode == 2 and "invalid choice" in result.stderr  # argparse usage
+
+
+def test_help_lists_every_stage(repo_copy, cli_env):
+    out = run(repo_copy, cli_env, "--help").stdout
+    for stage in ("download", "split", "train", "evaluate", "report"):
+        assert stage in out

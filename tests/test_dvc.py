@@ -1,0 +1,133 @@
+"""dvc.yaml against the code, and `dvc repro` end to end in a fresh copy of the repository."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from fashionnet import FashionNet
+from fashionnet.data import RAW_FILES
+from pipeline import paths
+from tests.conftest import REPO, set_params
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = ("download", "split", "train", "evaluate", "report")
+# Modules that cannot change what a stage computes; dvc.yaml leaves them out on purpose.
+PLUMBING = {"pipeline/cli.py", "pipeline/params.py", "pipeline/paths.py", "pipeline/__init__.py",
+            "fashionnet/errors.py", "fashionnet/files.py", "fashionnet/__init__.py"}
+
+
+def project_imports(path: str, seen: set[str] | None = None) -> set[str]:
+    """The project's source files that ``path`` runs: itself and what it imports, transitively."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return seen
+    seen.add(path)
+    if path in PLUMBING:
+        return seen
+    for node in ast.walk(ast.parse((REPO / path).read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            for candidate in (name.replace(".", "/") + ".py",
+                              name.replace(".", "/") + "/__init__.py"):
+                if name.split(".")[0] in ("fashionnet", "pipeline") and (REPO / candidate).exists():
+                    project_imports(candidate, seen)
+    return seen
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_deps_are_exactly_the_code_it_runs(stage):
+    declared = {d for d in DVC["stages"][stage]["deps"] if d.endswith(".py")}
+    assert declared == project_imports(f"pipeline/{stage}.py") - PLUMBING
+    assert DVC["stages"][stage]["cmd"] == f"fashionnet {stage}"
+
+
+def outs(stage: str) -> set[str]:
+    spec = DVC["stages"][stage]
+    entries = spec.get("outs", []) + spec.get("metrics", [])
+    return {e if isinstance(e, str) else next(iter(e)) for e in entries}
+
+
+def test_outs_are_the_paths_the_code_writes():
+    assert outs("download") == {str(paths.RAW_DIR)}
+    assert outs("split") == {str(paths.PREPARED_DIR)}
+    assert outs("train") == {str(p) for p in (paths.MODEL, paths.TRAIN_INFO, paths.HISTORY)}
+    assert outs("evaluate") == {str(p) for p in (paths.METRICS_JSON, paths.ACCURACY,
+                                                 paths.CLASS_REPORT, paths.PREDICTIONS)}
+    assert outs("report") == {str(p) for p in (paths.REPORT, paths.LEARNING_CURVES,
+                                               paths.CONFUSION_MATRIX)}
+    artifact = DVC["artifacts"]["fashionnet"]
+    assert (artifact["path"], artifact["type"]) == (str(paths.MODEL), "model")
+
+
+def test_declared_params_exist():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for stage in STAGES:
+        for key in DVC["stages"][stage].get("params", []):
+            node = params
+            for part in key.split("."):
+                node = node[part]
+
+
+def dvc(repo: Path, env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
+                   cwd=repo, check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(repo_copy: Path, cli_env: dict[str, str], raw_dir: Path):
+    set_params(repo_copy, **{"split.limit": 3000, "train.epochs": 1})
+    git(repo_copy, "commit", "-qam", "quick params")
+    out = dvc(repo_copy, cli_env, "repro")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out
+
+    # Every contract output.
+    for name in RAW_FILES:
+        assert (repo_copy / paths.RAW_DIR / name).read_bytes() == (raw_dir / name).read_bytes()
+    model = FashionNet()
+    model.load_state_dict(torch.load(repo_copy / paths.MODEL, weights_only=True))
+    metrics = json.loads((repo_copy / paths.METRICS_JSON).read_text())
+    predictions = pd.read_csv(repo_copy / paths.PREDICTIONS)
+    recomputed = np.mean(predictions["actual"] == predictions["predicted"])
+    assert metrics["accuracy"]["test"] == pytest.approx(recomputed)
+    assert metrics["accuracy"]["test"] > 0.7  # 3,000 images, one epoch
+    for path in (paths.HISTORY, paths.ACCURACY, paths.CLASS_REPORT, paths.REPORT,
+                 paths.LEARNING_CURVES, paths.CONFUSION_MATRIX):
+        assert (repo_copy / path).stat().st_size > 0
+
+    # Up to date: status is clean and a second repro runs nothing.
+    assert "up to date" in dvc(repo_copy, cli_env, "status")
+    assert "Running stage" not in dvc(repo_copy, cli_env, "repro")
+
+    # A new learning rate reruns train and what follows it, and shows in `dvc metrics diff`.
+    git(repo_copy, "add", "-A")
+    git(repo_copy, "commit", "-qm", "baseline")
+    set_params(repo_copy, **{"train.lr": 0.001})
+    out = dvc(repo_copy, cli_env, "repro")
+    assert "Stage 'download' didn't change" in out and "Stage 'split' didn't change" in out
+    for stage in ("train", "evaluate", "report"):
+        assert f"Running stage '{stage}'" in out
+    diff = json.loads(dvc(repo_copy, cli_env, "metrics", "diff", "--json"))
+    changes = diff[str(paths.METRICS_JSON)]
+    assert changes["accuracy.test"]["old"] == metrics["accuracy"]["test"]
+    assert changes["accuracy.test"]["diff"] != 0

@@ -1,0 +1,72 @@
+"""params.yaml: the repository's file is valid and complete; bad values name their key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fashionnet.errors import ConfigError
+from pipeline.params import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_valid_and_hold_the_contract_keys():
+    params = load_params(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    contract = {
+        "split": {"val_size", "limit", "seed"},
+        "train": {"epochs", "batch_size", "lr", "weight_decay", "amsgrad", "step_size", "gamma",
+                  "seed", "device"},
+        "schedule": {"cron"},
+    }
+    for section, keys in contract.items():
+        assert keys <= set(raw[section]), section
+    # The seed's recipe.
+    t = params.train
+    assert (t.epochs, t.lr, t.weight_decay, t.amsgrad, t.step_size, t.gamma) == (
+        60, 0.003, 1e-5, True, 25, 0.1)
+    assert (params.split.val_size, params.split.limit) == (6000, 0)
+
+
+BAD = [
+    ("train:\n  lr: -1\n", "train.lr", "greater than 0"),
+    ("train:\n  lr: fast\n", "train.lr", "valid number"),
+    ("train:\n  epochs: 2.5\n", "train.epochs", "valid integer"),
+    ("train:\n  epochs: 0\n", "train.epochs", "greater than or equal to 1"),
+    ("train:\n  amsgrad: 1\n", "train.amsgrad", "valid boolean"),
+    ("train:\n  device: tpu\n", "train.device", "'auto', 'cpu' or 'cuda'"),
+    ("train:\n  batch_size: 1\n", "train.batch_size", "greater than or equal to 2"),
+    ("train:\n  gamma: 1.5\n", "train.gamma", "less than or equal to 1"),
+    ("train:\n  momentum: 0.9\n", "train.momentum", "unknown key"),
+    ("split:\n  limit: -5\n", "split.limit", "greater than or equal to 0"),
+    ("split:\n  val_size: 5\n", "split.val_size", "greater than or equal to 10"),
+    ("schedule:\n  cron: every monday\n", "schedule.cron", "not a valid cron"),
+    ("trian:\n  lr: 0.1\n", "trian", "unknown key"),
+    ("train: [1, 2\n", "params.yaml", "not valid YAML at line"),
+    ("- 1\n- 2\n", "params.yaml", "must be a mapping"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), BAD, ids=[b[1] + ":" + b[2] for b in BAD])
+def test_bad_values_name_file_and_key(tmp_path, text, key, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_params(path)
+    line = str(error.value)
+    assert "\n" not in line
+    assert str(path) in line and key in line and message in line
+
+
+def test_missing_file_and_defaults(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("")
+    assert load_params(tmp_path / "params.yaml") == Params()
+
+
+def test_params_are_frozen():
+    params = Params()
+    with pytest.raises(Exception, match="frozen"):
+        params.train.lr = 1.0  # type: ignore[misc]
