@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -67,6 +68,31 @@ def init_model(seed: int) -> FashionNet:
     return FashionNet()
 
 
+def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torch.Tensor,
+                y_all: torch.Tensor, order: torch.Tensor, batch_size: int,
+                desc: str = "") -> tuple[float, int]:
+    """One pass over ``x_all[order]`` in batches; returns (summed loss, correct predictions)
+    over the epoch, measured in training mode on the fly."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x_all.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x_all.device)
+    steps = -(-len(order) // batch_size)
+    with tqdm(total=steps, desc=desc, unit="step", leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            x, y = x_all[idx], y_all[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)  # on the device: no sync per step
+            correct += (logits.detach().argmax(1) == y).sum()
+            bar.update()
+    return float(loss_sum), int(correct)
+
+
 def train(
     model: FashionNet,
     train_set: LabeledImages,
@@ -86,36 +112,20 @@ def train(
     x_all = to_input(train_set.images).to(device)
     y_all = train_set.labels.to(device)
     n = len(train_set)
-    steps = -(-n // cfg.batch_size)
     history: list[EpochStats] = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        model.train()
         order = torch.randperm(n, generator=shuffle).to(device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
-                   disable=not sys.stderr.isatty())
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            x, y = x_all[idx], y_all[idx]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
-            bar.update()
-        bar.close()
+        loss_sum, correct = train_epoch(model, optimizer, x_all, y_all, order, cfg.batch_size,
+                                        desc=f"epoch {epoch}/{cfg.epochs}")
         scheduler.step()
-        train_loss = float(loss_sum) / n
-        if not torch.isfinite(torch.tensor(train_loss)):
+        train_loss = loss_sum / n
+        if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged: the loss of epoch {epoch} is "
                                      f"{train_loss}")
         val = evaluate(model, val_set, device)
-        stats = EpochStats(epoch, train_loss, int(correct) / n, val.loss, val.accuracy, lr,
+        stats = EpochStats(epoch, train_loss, correct / n, val.loss, val.accuracy, lr,
                            time.perf_counter() - start)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.1e  %.1fs",
                  epoch, cfg.epochs, stats.train_loss, stats.train_accuracy, stats.val_loss,
