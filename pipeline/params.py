@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -46,6 +47,16 @@ class ScheduleConfig(BaseModel):
         return value
 
 
+class RetrainConfig(BaseModel):
+    """The promotion gate of the retraining flow."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # A fraction: 0.005 = half a percentage point of test accuracy below the last committed
+    # metrics; a retrain that falls further is refused and the previous model stays.
+    max_accuracy_drop: float = Field(0.005, ge=0, le=1)
+
+
 class Params(BaseModel):
     """Every section of params.yaml."""
 
@@ -55,6 +66,7 @@ class Params(BaseModel):
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
 
 def _describe(error: dict) -> str:
@@ -68,9 +80,12 @@ def _describe(error: dict) -> str:
     return f"{key}: {error['msg']} (got {error['input']!r})"
 
 
-def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml; a problem raises ConfigError naming the file and key."""
+def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
+                overrides: Mapping[str, object] | None = None) -> Params:
+    """Read and validate params.yaml with ``overrides`` ({"train.seed": 7}) set on top, as
+    `dvc exp run -S` would; a problem raises ConfigError naming the file or override, and key."""
     path = Path(path)
+    overrides = dict(overrides or {})
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -83,10 +98,19 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE) -> Params:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "must be a mapping of sections (split, train, ...)")
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if not section or not key or "." in key:
+            raise ConfigError(f"override {dotted}", "not a section.key name (e.g. train.seed)")
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][key] = value
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
         first = _describe(e.errors()[0])
+        key, problem = first.split(": ", 1)
+        overridden = any(o == key or o.startswith(f"{key}.") for o in overrides)
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"{path}: {first.split(':', 1)[0]}",
-                          first.split(": ", 1)[1] + more) from None
+        raise ConfigError(f"override {key}" if overridden else f"{path}: {key}",
+                          problem + more) from None
