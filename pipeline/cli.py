@@ -21,6 +21,8 @@ STAGE_HELP = {
     "evaluate": "accuracy/loss on train, val and test; per-class report; predictions",
     "report": "reports/report.md and its figures",
 }
+RETRAIN_HELP = "the retraining flow, once: rebuild what is stale with DVC, compare, gate"
+SERVE_HELP = "serve the fashionnet-retrain/scheduled deployment on schedule.cron until stopped"
 
 
 class _DropInputErrorTracebacks(logging.Filter):
@@ -56,7 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGE_HELP.items():
         sub.add_parser(name, help=f"DVC stage {name}: {text}", description=text)
+    retrain = sub.add_parser("retrain", help=RETRAIN_HELP, description=RETRAIN_HELP)
+    retrain.add_argument("--force", action="store_true",
+                         help="rerun the train stage and all after it even if nothing changed")
+    retrain.add_argument("--seed", type=int, help="train.seed for this run")
+    retrain.add_argument("-S", "--set-param", dest="set_params", action="append", default=[],
+                         type=_override, metavar="KEY=VALUE",
+                         help="set a params.yaml key for this run, as dvc exp run -S does")
+    sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
     return parser
+
+
+def _override(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as YAML (as params.yaml would hold it)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. train.seed=7)")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,8 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_prefect()
     try:
         params = load_params()
-        stage = importlib.import_module(f"pipeline.{args.command}")  # only this stage's imports
-        getattr(stage, f"{args.command}_flow")(params)
+        if args.command == "retrain":
+            from pipeline.retrain import retrain_flow
+
+            retrain_flow(force=args.force, seed=args.seed, set_params=dict(args.set_params))
+        elif args.command == "serve":
+            from pipeline.retrain import serve
+
+            serve(params.schedule.cron)
+        else:
+            stage = importlib.import_module(f"pipeline.{args.command}")  # only its imports
+            getattr(stage, f"{args.command}_flow")(params)
     except InputError as e:
         print(f"fashionnet {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
