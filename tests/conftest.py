@@ -95,12 +95,11 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path, raw_dir: Path) -> Path:
-    """A fresh git + DVC checkout of this repository's tracked files, as a user would clone it."""
+def copy_repo(dest: Path) -> Path:
+    """A git + DVC checkout of this repository's tracked files at ``dest``, as a user would
+    clone it."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
                            check=True).stdout.decode().split("\0")
-    dest = tmp_path / "repo"
     for name in filter(None, files):
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -112,13 +111,25 @@ def repo_copy(tmp_path: Path, raw_dir: Path) -> Path:
     return dest
 
 
+def repo_env(repo: Path, prefect_api: str, raw_dir: Path) -> dict[str, str]:
+    """Environment for `fashionnet` / `dvc` run in ``repo``, on its code, against the Prefect
+    server at ``prefect_api``, with the real data as the local source."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_API_URL": prefect_api, "FASHIONNET_SOURCE_DIR": str(raw_dir),
+            "PYTHONPATH": str(repo)}
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path, raw_dir: Path) -> Path:
+    """A fresh git + DVC checkout of this repository's tracked files, as a user would clone it."""
+    return copy_repo(tmp_path / "repo")
+
+
 @pytest.fixture
 def cli_env(repo_copy: Path, prefect_api: str, raw_dir: Path) -> dict[str, str]:
     """Environment for `fashionnet` / `dvc` run in ``repo_copy``, on the copy's code, against
     the session's Prefect server, with the real data as the local source."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-            "PREFECT_API_URL": prefect_api, "FASHIONNET_SOURCE_DIR": str(raw_dir),
-            "PYTHONPATH": str(repo_copy)}
+    return repo_env(repo_copy, prefect_api, raw_dir)
 
 
 def set_params(repo: Path, **changes: object) -> None:
