@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -123,10 +124,14 @@ def run_dvc(*args: str) -> None:
     logger = get_run_logger()
     logger.info("$ dvc %s", " ".join(args))
     with subprocess.Popen(["dvc", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=_child_env()) as proc:
+                          text=True, env=_child_env(), start_new_session=True) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            logger.info(line.rstrip())
+        try:
+            for line in proc.stdout:
+                logger.info(line.rstrip())
+        except BaseException:  # cancelled: stop dvc and the stage it runs before rolling back
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     if proc.returncode:
         raise RuntimeError(f"dvc {' '.join(args)} exited with status {proc.returncode}")
 
@@ -261,6 +266,7 @@ def retrain_flow(force: bool = False, seed: int | None = None,
             old = diff.get(str(paths.METRICS_JSON), {}).get(GATED_METRIC, {}).get("old")
             refused = judge(old, new, params.retrain.max_accuracy_drop)
             verdict = (f"refused, previous model kept: {refused}" if refused
+                       else "nothing was stale, the model in place stands" if not any(ran.values())
                        else "promoted" if old is not None
                        else "promoted (no committed metrics to compare with)")
             publish(summary_markdown(ran, diff, overrides, verdict))
