@@ -248,9 +248,14 @@ def write_overrides(params: Params, overrides: dict[str, object]) -> None:
 @flow(name=FLOW_NAME)
 def retrain_flow(force: bool = False, seed: int | None = None,
                  set_params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rebuild the stale DVC stages (``force``: retrain even if nothing changed), optionally
-    with another ``train.seed`` or any `dvc exp run -S`-style ``set_params``
-    ({"train.epochs": 5}); compare with the committed metrics and promote or refuse."""
+    """Rebuild what is stale with DVC, compare with the committed metrics, promote or refuse.
+
+    Args:
+        force: Retrain (the train stage and every stage after it) even if nothing changed.
+        seed: train.seed for this run.
+        set_params: params.yaml keys for this run, as `dvc exp run -S` sets them, e.g.
+            {"train.epochs": 5}; kept in params.yaml only if the model is promoted.
+    """
     logger = get_run_logger()
     overrides = {**(set_params or {}), **({"train.seed": seed} if seed is not None else {})}
     params = load_params(overrides=overrides)  # bad overrides fail here, before any change
