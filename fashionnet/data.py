@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 from sklearn.model_selection import train_test_split
 
 from fashionnet.errors import ConfigError, DataError
@@ -29,6 +31,7 @@ CLASSES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(CLASSES)
 IMAGE_SIZE = 28
+OFFICIAL_TRAIN_SIZE = 60_000  # images in train-images-idx3-ubyte, which the download verifies
 
 # The official file names, uncompressed (what data/raw/ holds).
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -75,13 +78,15 @@ def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
     if len(raw) < header:
         raise DataError(path, f"truncated: {len(raw)} bytes, shorter than the IDX header")
     if raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE or raw[3] != ndim:
+        hint = "; gzip-compressed? data/raw holds the uncompressed files" \
+            if raw[:2] == b"\x1f\x8b" else ""
         raise DataError(
             path,
             f"bad magic number 0x{raw[:4].hex()} "
-            f"(expected 0x0000{_UBYTE:02x}{ndim:02x}: unsigned bytes, {ndim} dimensions)",
+            f"(expected 0x0000{_UBYTE:02x}{ndim:02x}: unsigned bytes, {ndim} dimensions{hint})",
         )
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: a forged header cannot overflow
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
         raise DataError(
@@ -138,7 +143,27 @@ class SplitConfig(BaseModel):
 
     val_size: StrictInt = Field(6000, ge=NUM_CLASSES, description="validation images, stratified")
     limit: StrictInt = Field(0, ge=0, description="0 = all; N = stratified N-image train subset")
-    seed: StrictInt = 42
+    seed: StrictInt = Field(42, ge=0, le=2**32 - 1)  # scikit-learn's random_state range
+
+    @field_validator("val_size")
+    @classmethod
+    def _leaves_training_images(cls, value: int) -> int:
+        if value > OFFICIAL_TRAIN_SIZE - NUM_CLASSES:
+            raise ValueError(f"{value} leaves fewer than {NUM_CLASSES} of the "
+                             f"{OFFICIAL_TRAIN_SIZE:,} official training images for training")
+        return value
+
+    @field_validator("limit")
+    @classmethod
+    def _fits_beside_validation(cls, value: int, info: ValidationInfo) -> int:
+        if 0 < value < NUM_CLASSES:
+            raise ValueError(f"{value} is too few: a stratified subset needs one image of each "
+                             f"of the {NUM_CLASSES} classes")
+        val_size = info.data.get("val_size")  # absent when val_size itself was invalid
+        if val_size is not None and value + val_size > OFFICIAL_TRAIN_SIZE:
+            raise ValueError(f"{value} + split.val_size {val_size} exceeds the "
+                             f"{OFFICIAL_TRAIN_SIZE:,} official training images")
+        return value
 
 
 def stratified_split(labels: np.ndarray, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -178,13 +203,19 @@ def load_split(path: str | os.PathLike[str]) -> LabeledImages:
             images, labels = z["images"], z["labels"]
     except FileNotFoundError:
         raise DataError(path, "file not found (run `fashionnet split`)") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(path, f"not a valid prepared split ({e})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(path, f"not a valid prepared split ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(path, f"images must be (N, 28, 28) uint8, got {images.dtype} "
                               f"{images.shape}")
-    if labels.shape != (len(images),) or (len(labels) and labels.max() >= NUM_CLASSES):
-        raise DataError(path, "labels do not match the images or lie outside 0..9")
+    if len(images) == 0:
+        raise DataError(path, "holds no images")
+    if labels.dtype != np.uint8 or labels.shape != (len(images),):
+        raise DataError(path, f"labels must be ({len(images)},) uint8 to match the images, got "
+                              f"{labels.dtype} {labels.shape}")
+    if labels.max() >= NUM_CLASSES:
+        raise DataError(path, f"label {labels.max()} is outside 0..{NUM_CLASSES - 1}")
     return LabeledImages(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI 
 from sklearn.metrics import confusion_matrix
 
 from fashionnet.data import CLASSES
+from fashionnet.errors import DataError
 from fashionnet.files import atomic_path
 
 # The seed's published single run (SEED.md). Its per-class support sums to 4,000 images.
@@ -30,6 +32,35 @@ SEED_PER_CLASS = pd.DataFrame(
     ],
     columns=["class", "precision", "recall", "f1-score", "support"],
 )
+
+
+def read_table(path: str | os.PathLike[str], columns: Sequence[str],
+               text: Sequence[str] = ()) -> pd.DataFrame:
+    """A CSV an earlier stage wrote, refused (DataError naming it) unless it has ``columns``
+    and rows, with finite numbers in every column but those named in ``text``."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(path, "file not found (run the stages before this one)") from None
+    except (OSError, ValueError, pd.errors.ParserError) as e:  # EmptyDataError, bad bytes
+        raise DataError(path, f"not a readable CSV file ({type(e).__name__})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(path, f"lacks the column(s) {', '.join(missing)}")
+    if frame.empty:
+        raise DataError(path, "has no rows")
+    for column in columns:
+        values = frame[column]
+        if column in text:
+            bad = values.isna().any()
+        else:
+            numbers = pd.to_numeric(values, errors="coerce")
+            bad = not np.isfinite(numbers.to_numpy(dtype=float)).all()
+        if bad:
+            what = "empty cells" if column in text else "a value that is not a finite number"
+            raise DataError(path, f"column {column} holds {what}")
+    return frame
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from fashionnet.checkpoint import fingerprint, resumable, save_checkpoint
 from fashionnet.data import LabeledImages, to_input
 from fashionnet.errors import ConfigError
 from fashionnet.evaluate import evaluate
 from fashionnet.model import FashionNet
 
 log = logging.getLogger("fashionnet")
+
+
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):  # pydantic would take YAML's true as 1.0
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+# A finite float; YAML integers (1) and exponents without a dot ('3e-3', a string) are accepted.
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]  # what NumPy and scikit-learn accept
 
 
 class TrainConfig(BaseModel):
@@ -30,12 +44,12 @@ class TrainConfig(BaseModel):
 
     epochs: StrictInt = Field(60, ge=1)
     batch_size: StrictInt = Field(64, ge=2)  # BatchNorm needs two images to train
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
+    lr: Number = Field(3e-3, gt=0)
+    weight_decay: Number = Field(1e-5, ge=0)
     amsgrad: StrictBool = True
     step_size: StrictInt = Field(25, ge=1, description="epochs between learning-rate decays")
-    gamma: float = Field(0.1, gt=0, le=1)
-    seed: StrictInt = 42
+    gamma: Number = Field(0.1, gt=0, le=1)
+    seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -68,18 +82,28 @@ def init_model(seed: int) -> FashionNet:
     return FashionNet()
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A step's loss was NaN or infinite; ``step`` counts from 1 within the epoch."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(f"the loss of step {step} is {loss}")
+
+
 def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torch.Tensor,
                 y_all: torch.Tensor, order: torch.Tensor, batch_size: int,
                 desc: str = "") -> tuple[float, int]:
     """One pass over ``x_all[order]`` in batches; returns (summed loss, correct predictions)
-    over the epoch, measured in training mode on the fly."""
+    over the epoch, measured in training mode on the fly. Raises NonFiniteLoss naming the
+    first step whose loss was NaN or infinite."""
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=x_all.device)
     correct = torch.zeros((), dtype=torch.int64, device=x_all.device)
     steps = -(-len(order) // batch_size)
+    step_loss = torch.zeros(steps, device=x_all.device)  # read only if the epoch's sum is bad
     with tqdm(total=steps, desc=desc, unit="step", leave=False,
               disable=not sys.stderr.isatty()) as bar:
-        for i in range(0, len(order), batch_size):
+        for step, i in enumerate(range(0, len(order), batch_size)):
             idx = order[i : i + batch_size]
             x, y = x_all[idx], y_all[idx]
             logits = model(x)
@@ -88,9 +112,14 @@ def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torc
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * len(idx)  # on the device: no sync per step
+            step_loss[step] = loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             bar.update()
-    return float(loss_sum), int(correct)
+    total = float(loss_sum)
+    if not math.isfinite(total):
+        bad = int((~step_loss.isfinite()).nonzero()[0])
+        raise NonFiniteLoss(bad + 1, float(step_loss[bad]))
+    return total, int(correct)
 
 
 def train(
@@ -98,39 +127,94 @@ def train(
     train_set: LabeledImages,
     val_set: LabeledImages,
     cfg: TrainConfig,
+    checkpoint: str | os.PathLike[str] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> list[EpochStats]:
-    """Train ``model`` in place with the seed's recipe; one :class:`EpochStats` per epoch."""
+    """Train ``model`` in place with the seed's recipe; one :class:`EpochStats` per epoch.
+
+    With ``checkpoint``, everything the rest of the run depends on is saved there after each
+    epoch, and a checkpoint left by an interrupted run with the same params, data, code and
+    machine is resumed: the result is bit for bit that of an uninterrupted run.
+    """
     device = resolve_device(cfg.device)
     model.to(device)
-    torch.manual_seed(cfg.seed)  # dropout masks
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
+    initial = copy.deepcopy(model.state_dict())
+    optimizer, scheduler, generators = _fresh_run(model, cfg, device)
     # The whole split lives on the device as floats: (N, 1, 28, 28), 170 MB for 54,000 images.
     x_all = to_input(train_set.images).to(device)
     y_all = train_set.labels.to(device)
     n = len(train_set)
+    steps = -(-n // cfg.batch_size)
     history: list[EpochStats] = []
-    for epoch in range(1, cfg.epochs + 1):
+    if checkpoint is not None:
+        run = fingerprint(cfg.model_dump(exclude={"device"}),
+                          (train_set.images, train_set.labels, val_set.images, val_set.labels),
+                          device)
+        saved = resumable(checkpoint, run)
+        if saved is not None:
+            try:
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+                for name, generator in generators.items():
+                    generator.set_state(saved["rng"][name])
+                history = [EpochStats(**row) for row in saved["history"]]
+                if saved["epoch"] != len(history) or len(history) > cfg.epochs:
+                    raise ValueError(f"epoch {saved['epoch']} with {len(history)} history rows")
+                log.info("%s: resuming after epoch %d of %d", checkpoint, len(history),
+                         cfg.epochs)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                log.warning("%s: ignored, it does not fit this run (%s); training from scratch",
+                            checkpoint, e)
+                model.load_state_dict(initial)
+                optimizer, scheduler, generators = _fresh_run(model, cfg, device)
+                history = []
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        order = torch.randperm(n, generator=shuffle).to(device)
-        loss_sum, correct = train_epoch(model, optimizer, x_all, y_all, order, cfg.batch_size,
-                                        desc=f"epoch {epoch}/{cfg.epochs}")
+        order = torch.randperm(n, generator=generators["shuffle"]).to(device)
+        try:
+            loss_sum, correct = train_epoch(model, optimizer, x_all, y_all, order,
+                                            cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}")
+        except NonFiniteLoss as e:
+            raise FloatingPointError(f"training diverged at epoch {epoch}, step {e.step} of "
+                                     f"{steps}: the loss is {e.loss}") from None
         scheduler.step()
-        train_loss = loss_sum / n
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training diverged: the loss of epoch {epoch} is "
-                                     f"{train_loss}")
         val = evaluate(model, val_set, device)
-        stats = EpochStats(epoch, train_loss, correct / n, val.loss, val.accuracy, lr,
+        if not math.isfinite(val.loss):
+            raise FloatingPointError(f"training diverged at epoch {epoch}: the validation "
+                                     f"loss is {val.loss}")
+        stats = EpochStats(epoch, loss_sum / n, correct / n, val.loss, val.accuracy, lr,
                            time.perf_counter() - start)
+        history.append(stats)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {
+                "epoch": epoch,
+                "history": [vars(s) for s in history],
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {name: g.get_state() for name, g in generators.items()},
+            }, run)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.1e  %.1fs",
                  epoch, cfg.epochs, stats.train_loss, stats.train_accuracy, stats.val_loss,
                  stats.val_accuracy, lr, stats.seconds)
-        history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
     return history
+
+
+def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device) -> tuple[
+        torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, dict[str, torch.Generator]]:
+    """The optimizer, scheduler and seeded random streams of a run at its start."""
+    torch.manual_seed(cfg.seed)  # the default generators: dropout masks
+    # Every random stream training draws from, saved and restored with each checkpoint.
+    generators = {"torch": torch.default_generator,
+                  "shuffle": torch.Generator().manual_seed(cfg.seed)}
+    if device.type == "cuda":
+        generators["cuda"] = torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
+    return optimizer, scheduler, generators

@@ -102,13 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             stage = importlib.import_module(f"pipeline.{args.command}")  # only its imports
             getattr(stage, f"{args.command}_flow")(params)
     except InputError as e:
-        print(f"fashionnet {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message quotes
+        print(f"fashionnet {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"fashionnet {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        print(f"fashionnet {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())
+        print(f"fashionnet {args.command}: failed: {type(e).__name__}: {message}",
+              file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

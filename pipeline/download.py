@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fashionnet import download
 from fashionnet.data import RAW_FILES
-from fashionnet.errors import DataError
+from fashionnet.errors import ConfigError, DataError
 from pipeline import paths
 from pipeline.params import DownloadConfig, Params
 
@@ -53,8 +53,13 @@ def fetch_remote(name: str, mirrors: tuple[str, ...]) -> Path:
 
 
 def local_sources(cfg: DownloadConfig) -> list[Path]:
-    """Directories searched before the network, in order."""
-    named = os.environ.get("FASHIONNET_SOURCE_DIR") or cfg.source_dir
+    """Directories searched before the network, in order; one named that is not a directory
+    is an error, not a reason to go to the network."""
+    named, key = os.environ.get("FASHIONNET_SOURCE_DIR"), "FASHIONNET_SOURCE_DIR"
+    if not named:
+        named, key = cfg.source_dir, "download.source_dir"
+    if named and not Path(named).is_dir():
+        raise ConfigError(key, f"{named} is not a directory")
     return [Path(d) for d in (named, download.DEBIAN_DIR) if d]
 
 

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fashionnet import FashionNet
+from fashionnet.checkpoint import load_weights
 from fashionnet.data import LabeledImages, load_split
 from fashionnet.evaluate import SplitResult, evaluate, per_class_report
 from fashionnet.files import write_text
@@ -30,9 +31,7 @@ def evaluate_split(model: FashionNet, name: str, data: LabeledImages,
 def evaluate_flow(params: Params) -> dict[str, float]:
     """metrics/{metrics.json, accuracy.csv, classification_report.csv, predictions.csv}."""
     device = resolve_device(params.train.device)
-    model = FashionNet()
-    model.load_state_dict(torch.load(paths.MODEL, map_location="cpu", weights_only=True))
-    model.to(device)
+    model = load_weights(paths.MODEL, FashionNet()).to(device)
     data = {name: load_split(paths.PREPARED[name]) for name in SPLITS}
     results = {name: evaluate_split(model, name, data[name], device) for name in SPLITS}
     accuracy = {name: r.accuracy for name, r in results.items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import yaml
@@ -26,6 +26,14 @@ class DownloadConfig(BaseModel):
     mirrors: tuple[str, ...] = Field(
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",), min_length=1
     )
+
+    @field_validator("mirrors")
+    @classmethod
+    def _http_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+        return value
 
 
 class ScheduleConfig(BaseModel):
@@ -69,6 +77,28 @@ class Params(BaseModel):
     retrain: RetrainConfig = RetrainConfig()
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int) -> None:
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last,
+    silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -77,7 +107,9 @@ def _describe(error: dict) -> str:
         return f"{key}: missing"
     if error["type"] == "value_error":  # our validators' messages quote the value already
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
-    return f"{key}: {error['msg']} (got {error['input']!r})"
+    shown = repr(error["input"])
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"{key}: {error['msg']} (got {shown})"
 
 
 def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
@@ -87,9 +119,16 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
     path = Path(path)
     overrides = dict(overrides or {})
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
     except FileNotFoundError:
         raise ConfigError(str(path), "file not found (run from the repository root)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot be read: {e.strerror}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(str(path), f"key {e.key!r} appears twice in one section "
+                                     f"(line {e.line})") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""

@@ -11,6 +11,9 @@ PREPARED = {name: PREPARED_DIR / f"{name}.npz" for name in ("train", "val", "tes
 
 MODEL = Path("models/fashionnet.pt")
 TRAIN_INFO = Path("models/train_info.json")
+# The train stage's state after each epoch, to resume an interrupted run. Neither a DVC out
+# (DVC would delete it before rerunning the stage, the moment it is needed) nor in git.
+CHECKPOINT = Path("checkpoints/train.pt")
 
 METRICS_DIR = Path("metrics")
 HISTORY = METRICS_DIR / "history.csv"

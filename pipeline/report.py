@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from fashionnet import report
+from fashionnet.data import CLASSES
+from fashionnet.errors import DataError
 from fashionnet.files import write_text
 from pipeline import paths
 from pipeline.params import Params
+
+# What the report reads (the contract's formats); written by the train and evaluate stages.
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
+SPLITS = ("train", "val", "test")
 
 
 def run_description(info: dict, test_images: int) -> dict[str, str]:
@@ -34,18 +40,33 @@ def run_description(info: dict, test_images: int) -> dict[str, str]:
 @flow(name="report")
 def report_flow(params: Params) -> Path:
     """The accuracy and per-class tables beside the seed's, learning curves, confusion matrix."""
-    history = pd.read_csv(paths.HISTORY)
-    accuracy = pd.read_csv(paths.ACCURACY)
-    per_class = pd.read_csv(paths.CLASS_REPORT)
-    predictions = pd.read_csv(paths.PREDICTIONS)
-    info = json.loads(paths.TRAIN_INFO.read_text(encoding="utf-8"))
+    history = report.read_table(paths.HISTORY, HISTORY_COLUMNS)
+    accuracy = report.read_table(paths.ACCURACY, ["split", "accuracy", "loss"], text=["split"])
+    if sorted(accuracy["split"]) != sorted(SPLITS):
+        raise DataError(paths.ACCURACY, f"rows must be {', '.join(SPLITS)}, got "
+                                        f"{', '.join(map(str, accuracy['split']))}")
+    per_class = report.read_table(paths.CLASS_REPORT,
+                                  ["class", "precision", "recall", "f1-score", "support"],
+                                  text=["class"])
+    predictions = report.read_table(paths.PREDICTIONS, ["index", "actual", "predicted"])
+    classes = predictions[["actual", "predicted"]].to_numpy()
+    if not (np.equal(np.mod(classes, 1), 0) & (classes >= 0) & (classes < len(CLASSES))).all():
+        raise DataError(paths.PREDICTIONS, "actual and predicted must be class indices 0..9")
+    try:
+        info = json.loads(paths.TRAIN_INFO.read_text(encoding="utf-8"))
+        run = run_description(info, len(predictions))
+    except FileNotFoundError:
+        raise DataError(paths.TRAIN_INFO, "file not found (run `fashionnet train`)") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(paths.TRAIN_INFO, f"not valid JSON ({type(e).__name__})") from None
+    except (KeyError, TypeError) as e:
+        raise DataError(paths.TRAIN_INFO, f"lacks what the report states ({e!r})") from None
     report.plot_learning_curves(history, paths.LEARNING_CURVES)
     report.plot_confusion_matrix(predictions["actual"].to_numpy(),
                                  predictions["predicted"].to_numpy(), paths.CONFUSION_MATRIX)
     figures = {"Learning curves": paths.LEARNING_CURVES.name,
                "Test confusion matrix": paths.CONFUSION_MATRIX.name}
-    markdown = report.render_markdown(accuracy, per_class,
-                                      figures, run_description(info, len(predictions)))
+    markdown = report.render_markdown(accuracy, per_class, figures, run)
     write_text(paths.REPORT, markdown)
     create_markdown_artifact(markdown, key="fashionnet-report",
                              description="FashionNet accuracy and per-class report")

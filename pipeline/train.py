@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -23,8 +24,8 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_acc
 
 @task(cache_policy=NO_CACHE)
 def fit(model: FashionNet, train_set: LabeledImages, val_set: LabeledImages,
-        cfg: TrainConfig) -> list[EpochStats]:
-    return train(model, train_set, val_set, cfg)
+        cfg: TrainConfig, checkpoint: Path) -> list[EpochStats]:
+    return train(model, train_set, val_set, cfg, checkpoint)
 
 
 @flow(name="train")
@@ -35,7 +36,7 @@ def train_flow(params: Params) -> list[EpochStats]:
     train_set, val_set = load_split(paths.PREPARED["train"]), load_split(paths.PREPARED["val"])
     device = resolve_device(cfg.device)
     model = init_model(cfg.seed)
-    history = fit(model, train_set, val_set, cfg)
+    history = fit(model, train_set, val_set, cfg, paths.CHECKPOINT)
     with atomic_path(paths.MODEL) as tmp:
         torch.save(model.cpu().state_dict(), tmp)
     frame = pd.DataFrame([vars(s) for s in history])
@@ -52,4 +53,7 @@ def train_flow(params: Params) -> list[EpochStats]:
         "params": params.model_dump(include={"split", "train"}),
     }
     write_text(paths.TRAIN_INFO, json.dumps(info, indent=2) + "\n")
+    # Every output is written: the checkpoint's work is done. (Were this line not reached, a
+    # rerun would resume the final checkpoint, train no further and write the same outputs.)
+    paths.CHECKPOINT.unlink(missing_ok=True)
     return history
