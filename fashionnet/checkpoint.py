@@ -97,8 +97,8 @@ def _torch_load(path: Path, what: str) -> Any:
         raise DataError(path, f"file not found{what}") from None
     except Exception as e:  # truncated zip, bad pickle opcode, a refused non-tensor object...
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
-        # weights_only's refusal says what it refused on its "WeightsUnpickler error" line.
-        why = next((line for line in lines if line.startswith("WeightsUnpickler")), lines[0])
+        # weights_only's refusal names what it refused (a GLOBAL) deep in a long message.
+        why = next((line for line in lines if "GLOBAL" in line), lines[0])
         raise DataError(path, f"cannot be loaded ({type(e).__name__}: {why[:200]})") from None
 
 
