@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import struct
 from pathlib import Path
 
@@ -60,6 +62,9 @@ MALFORMED = [
     ("not 28x28", idx(3, (2, 32, 32), bytes(2 * 1024)), "expected 28x28"),
     ("empty", idx(3, (0, 28, 28), b""), "no images"),
     ("empty file", b"", "shorter than the IDX header"),
+    ("gzip-compressed", gzip.compress(idx(3, (3, 28, 28), bytes(3 * 784))), "gzip-compressed"),
+    # 2**96 bytes claimed: sizes are computed without int64 overflow.
+    ("absurd header", idx(3, (2**32 - 1, 2**32 - 1, 2**32 - 1), bytes(784)), "truncated"),
 ]
 
 
@@ -134,13 +139,55 @@ def test_split_sizes_that_do_not_fit_the_labels_given(official, cfg, key):
         stratified_split(official[0].labels.numpy()[:1000], cfg)
 
 
-def test_prepared_split_round_trip_and_validation(tmp_path: Path, official):
+def test_prepared_split_round_trip(tmp_path: Path, official):
     data = official[1].subset(np.arange(50))
     save_split(tmp_path / "test.npz", data, np.arange(50))
     back = load_split(tmp_path / "test.npz")
     assert torch.equal(back.images, data.images) and torch.equal(back.labels, data.labels)
-    (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match=r"bad\.npz"):
-        load_split(tmp_path / "bad.npz")
+
+
+def npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+IMAGES, LABELS = np.zeros((4, 28, 28), np.uint8), np.array([0, 3, 9, 1], np.uint8)
+GOOD = npz(images=IMAGES, labels=LABELS, index=np.arange(4))
+
+
+def flip_in_images(raw: bytes) -> bytes:
+    at = raw.index(IMAGES.tobytes()[:64]) + 100
+    return raw[:at] + b"\x01" + raw[at + 1 :]
+
+
+BAD_SPLITS = [
+    ("not a zip", b"not a zip", "not a valid prepared split"),
+    ("truncated", GOOD[: len(GOOD) // 2], "not a valid prepared split"),
+    ("flipped byte", flip_in_images(GOOD), "not a valid prepared split"),
+    ("no labels", npz(images=IMAGES), "not a valid prepared split"),
+    ("pickled objects", npz(images=np.array([object()] * 4), labels=LABELS),
+     "not a valid prepared split"),
+    ("float images", npz(images=IMAGES.astype(np.float32), labels=LABELS), "uint8"),
+    ("wrong image size", npz(images=np.zeros((4, 32, 32), np.uint8), labels=LABELS),
+     r"\(N, 28, 28\)"),
+    ("empty", npz(images=IMAGES[:0], labels=LABELS[:0]), "holds no images"),
+    ("too few labels", npz(images=IMAGES, labels=LABELS[:3]), r"labels must be \(4,\) uint8"),
+    ("label out of range", npz(images=IMAGES, labels=np.array([0, 3, 10, 1], np.uint8)),
+     r"label 10 is outside 0\.\.9"),
+]
+
+
+@pytest.mark.parametrize(("case", "content", "message"), BAD_SPLITS,
+                         ids=[b[0] for b in BAD_SPLITS])
+def test_bad_prepared_splits_are_refused_naming_the_file(tmp_path, case, content, message):
+    path = tmp_path / "train.npz"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as error:
+        load_split(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_prepared_split(tmp_path):
     with pytest.raises(DataError, match="run `fashionnet split`"):
         load_split(tmp_path / "missing.npz")

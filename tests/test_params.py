@@ -45,6 +45,22 @@ BAD = [
     ("trian:\n  lr: 0.1\n", "trian", "unknown key"),
     ("train: [1, 2\n", "params.yaml", "not valid YAML at line"),
     ("- 1\n- 2\n", "params.yaml", "must be a mapping"),
+    # Numbers that are not numbers.
+    ("train:\n  lr: .inf\n", "train.lr", "finite number"),
+    ("train:\n  weight_decay: .nan\n", "train.weight_decay", "got nan"),
+    ("train:\n  lr: true\n", "train.lr", "expected a number, got True"),
+    ("train:\n  seed: -1\n", "train.seed", "greater than or equal to 0"),
+    ("split:\n  seed: 4294967296\n", "split.seed", "less than or equal to 4294967295"),
+    ("train: 5\n", "train", "valid dictionary"),
+    # Values that contradict each other or the data set.
+    ("split:\n  val_size: 60000\n", "split.val_size", "leaves fewer than 10 of the 60,000"),
+    ("split:\n  limit: 54001\n", "split.limit", "54001 + split.val_size 6000 exceeds"),
+    ("split:\n  val_size: 50000\n  limit: 10001\n", "split.limit", "exceeds the 60,000"),
+    ("split:\n  limit: 9\n", "split.limit", "one image of each of the 10 classes"),
+    # A key given twice: YAML would silently keep the second.
+    ("train:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n", "params.yaml",
+     "key 'lr' appears twice in one section (line 4)"),
+    ("download:\n  mirrors: [ftp://example.org/]\n", "download.mirrors", "not an http://"),
 ]
 
 
@@ -62,8 +78,23 @@ def test_bad_values_name_file_and_key(tmp_path, text, key, message):
 def test_missing_file_and_defaults(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"params\.yaml: cannot be read: Is a directory"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").rmdir()
+    (tmp_path / "params.yaml").write_bytes(b"train:\n  lr: \xff\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: is not UTF-8 text"):
+        load_params(tmp_path / "params.yaml")
     (tmp_path / "params.yaml").write_text("")
     assert load_params(tmp_path / "params.yaml") == Params()
+
+
+def test_numbers_yaml_reads_as_strings_are_accepted(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 3e-3\n  weight_decay: 0\n"
+                                          "split:\n  val_size: 100\n  limit: 59900\n")
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.lr == 0.003 and params.train.weight_decay == 0.0
+    assert params.split.limit == 59_900  # exactly what is left beside the validation set
 
 
 def test_params_are_frozen():
