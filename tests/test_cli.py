@@ -26,10 +26,17 @@ def assert_bad_input(result: subprocess.CompletedProcess[str], *names: str) -> N
 
 @pytest.mark.parametrize(("key", "value"), [
     ("train.lr", "fast"), ("train.epochs", -1), ("split.limit", 2.5), ("train.device", "tpu"),
+    ("split.limit", 54_001), ("train.lr", float("inf")),
 ])
 def test_bad_params_exit_2_naming_the_key(repo_copy, cli_env, key, value):
     set_params(repo_copy, **{key: value})
     assert_bad_input(run(repo_copy, cli_env, "train"), "params.yaml", key)
+
+
+def test_duplicate_key_exits_2(repo_copy, cli_env):
+    params = repo_copy / "params.yaml"
+    params.write_text(params.read_text().replace("  lr: 0.003", "  lr: 0.003\n  lr: 0.1"))
+    assert_bad_input(run(repo_copy, cli_env, "split"), "params.yaml", "'lr' appears twice")
 
 
 def test_bad_and_missing_data_files_exit_2_naming_the_file(repo_copy, cli_env, raw_dir):
@@ -46,12 +53,31 @@ def test_bad_and_missing_data_files_exit_2_naming_the_file(repo_copy, cli_env, r
     assert not (repo_copy / "data" / "prepared").exists()  # nothing half-written
 
 
+def test_missing_or_damaged_stage_inputs_exit_2_naming_the_file(repo_copy, cli_env):
+    # Nothing ran before: each stage names the file it lacks.
+    assert_bad_input(run(repo_copy, cli_env, "report"), "metrics/history.csv", "file not found")
+    model = repo_copy / "models" / "fashionnet.pt"
+    model.parent.mkdir()
+    model.write_bytes(b"\x80\x02not a model")
+    assert_bad_input(run(repo_copy, cli_env, "evaluate"), "models/fashionnet.pt",
+                     "cannot be loaded")
+    prepared = repo_copy / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    (prepared / "train.npz").write_bytes(b"PK\x03\x04 truncated")
+    assert_bad_input(run(repo_copy, cli_env, "train"), "data/prepared/train.npz")
+    assert model.read_bytes() == b"\x80\x02not a model"  # nothing written over
+    assert_bad_input(run(repo_copy, {**cli_env, "FASHIONNET_SOURCE_DIR": "/nonexistent"},
+                         "download"), "FASHIONNET_SOURCE_DIR", "/nonexistent is not a directory")
+
+
 def test_other_failures_exit_1(repo_copy, cli_env):
-    result = run(repo_copy, cli_env, "report")  # no metrics: the stages before it never ran
-    assert result.returncode == 1
-    assert "FileNotFoundError" in result.stderr and "metrics/history.csv" in result.stderr
     result = run(repo_copy, cli_env, "bogus")
     assert result.returncode == 2 and "invalid choice" in result.stderr  # argparse usage
+    (repo_copy / "data").mkdir()
+    (repo_copy / "data" / "raw").write_text("a file where the directory belongs")
+    result = run(repo_copy, cli_env, "download")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "NotADirectoryError" in result.stderr
 
 
 def test_help_lists_every_stage(repo_copy, cli_env):

@@ -1,10 +1,12 @@
 """kill -9 of a training process at several points, then a rerun: history and weights end bit
-for bit where an uninterrupted run ends."""
+for bit where an uninterrupted run ends. Also `fashionnet train` itself, killed and rerun, and
+stopped by a diverging loss."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -14,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fashionnet import FashionNet
 from fashionnet.checkpoint import read_checkpoint
 from fashionnet.data import SplitConfig, save_split, stratified_split
-from tests.conftest import REPO
+from pipeline import paths
+from tests.conftest import REPO, set_params
 from tests.train_child import CFG
 
 STEPS_PER_EPOCH = 10  # 240 images in batches of 24
@@ -117,3 +121,69 @@ def test_killed_at_a_random_moment_ends_identical(prepared, reference, tmp_path)
     run = child(work)
     assert run.returncode == 0, run.stderr
     assert_identical(torch.load(work / "result.pt", weights_only=True), reference)
+
+
+def prepare(repo: Path, official, cfg: SplitConfig) -> None:
+    """data/prepared/{train,val}.npz as `fashionnet split` writes them, without its start-up."""
+    full = official[0]
+    train_idx, val_idx = stratified_split(full.labels.numpy(), cfg)
+    save_split(repo / paths.PREPARED["train"], full.subset(train_idx), train_idx)
+    save_split(repo / paths.PREPARED["val"], full.subset(val_idx), val_idx)
+
+
+def fashionnet_train(repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["fashionnet", "train"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_fashionnet_train_killed_and_rerun_matches_an_uninterrupted_run(repo_copy, cli_env,
+                                                                        official):
+    split = SplitConfig(val_size=200, limit=600)
+    set_params(repo_copy, **{"split.val_size": split.val_size, "split.limit": split.limit,
+                             "train.epochs": 4, "train.batch_size": 40})
+    prepare(repo_copy, official, split)
+    result = fashionnet_train(repo_copy, cli_env)
+    assert result.returncode == 0, result.stderr
+    history = (repo_copy / paths.HISTORY).read_text()
+    model = torch.load(repo_copy / paths.MODEL, weights_only=True)
+    assert not (repo_copy / paths.CHECKPOINT).exists()  # a finished run leaves none behind
+    for output in (paths.HISTORY, paths.MODEL, paths.TRAIN_INFO):
+        (repo_copy / output).unlink()
+
+    process = subprocess.Popen(["fashionnet", "train"], cwd=repo_copy, env=cli_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (repo_copy / paths.CHECKPOINT).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0, 0.2))  # somewhere in epoch 2, most likely
+    process.kill()
+    assert process.wait() == -9
+    assert not (repo_copy / paths.MODEL).exists() and not (repo_copy / paths.HISTORY).exists()
+
+    result = fashionnet_train(repo_copy, cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch" in result.stdout
+    assert (repo_copy / paths.HISTORY).read_text() == history
+    resumed = torch.load(repo_copy / paths.MODEL, weights_only=True)
+    assert resumed.keys() == model.keys()
+    for name, tensor in model.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert not (repo_copy / paths.CHECKPOINT).exists()
+
+
+def test_diverging_training_exits_1_naming_epoch_and_step_and_writes_no_model(repo_copy,
+                                                                              cli_env, official):
+    split = SplitConfig(val_size=100, limit=200)
+    set_params(repo_copy, **{"split.val_size": split.val_size, "split.limit": split.limit,
+                             "train.epochs": 2, "train.batch_size": 50, "train.lr": 1e20})
+    prepare(repo_copy, official, split)
+    model = repo_copy / paths.MODEL
+    model.parent.mkdir()
+    torch.save(FashionNet().state_dict(), model)  # the last good model
+    before = model.read_bytes()
+    result = fashionnet_train(repo_copy, cli_env)
+    assert result.returncode == 1
+    assert re.fullmatch(r"fashionnet train: failed: FloatingPointError: training diverged at "
+                        r"epoch 1, step \d of 4: the loss is (nan|inf|-inf)\n", result.stderr)
+    assert model.read_bytes() == before
+    assert not (repo_copy / paths.HISTORY).exists()
