@@ -137,6 +137,10 @@ def train(
     machine is resumed: the result is bit for bit that of an uninterrupted run.
     """
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        # Same params, same metrics: cuDNN's autotuned kernels may sum in a varying order.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     model.to(device)
     initial = copy.deepcopy(model.state_dict())
     optimizer, scheduler, generators = _fresh_run(model, cfg, device)

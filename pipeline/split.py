@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from prefect import flow, get_run_logger
 
-from fashionnet.data import load_raw, save_split, stratified_split
+from fashionnet import download
+from fashionnet.data import RAW_FILES, load_raw, save_split, stratified_split
+from fashionnet.errors import DataError
 from pipeline import paths
 from pipeline.params import Params
 
@@ -13,7 +15,11 @@ from pipeline.params import Params
 @flow(name="split")
 def split_flow(params: Params) -> dict[str, int]:
     """data/prepared/{train,val,test}.npz; each keeps its images' index in the source file."""
-    train_full, test = load_raw(paths.RAW_DIR)
+    train_full, test = load_raw(paths.RAW_DIR)  # well-formed IDX files that belong together
+    for name in RAW_FILES:  # and the official release, not some other well-formed data
+        if not download.is_official(paths.RAW_DIR / name, name):
+            raise DataError(paths.RAW_DIR / name, f"is well formed but not the official {name} "
+                                                  "(SHA-256 differs); run `fashionnet download`")
     train_idx, val_idx = stratified_split(train_full.labels.numpy(), params.split)
     parts = {
         "train": (train_full.subset(train_idx), train_idx),

@@ -51,6 +51,12 @@ def test_bad_and_missing_data_files_exit_2_naming_the_file(repo_copy, cli_env, r
     assert_bad_input(run(repo_copy, cli_env, "split"), str(labels.relative_to(repo_copy)),
                      "truncated")
     assert not (repo_copy / "data" / "prepared").exists()  # nothing half-written
+    # Well formed, the right count, every label in range: but not the labels of these images.
+    official = (raw_dir / "train-labels-idx1-ubyte").read_bytes()
+    labels.write_bytes(official[:8] + official[9:] + official[8:9])  # shifted by one
+    assert_bad_input(run(repo_copy, cli_env, "split"), str(labels.relative_to(repo_copy)),
+                     "not the official")
+    assert not (repo_copy / "data" / "prepared").exists()
 
 
 def test_missing_or_damaged_stage_inputs_exit_2_naming_the_file(repo_copy, cli_env):
