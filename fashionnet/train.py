@@ -157,22 +157,15 @@ def train(
         saved = resumable(checkpoint, run)
         if saved is not None:
             try:
-                model.load_state_dict(saved["model"])
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-                for name, generator in generators.items():
-                    generator.set_state(saved["rng"][name])
-                history = [EpochStats(**row) for row in saved["history"]]
-                if saved["epoch"] != len(history) or len(history) > cfg.epochs:
-                    raise ValueError(f"epoch {saved['epoch']} with {len(history)} history rows")
+                history = _restore(saved, model, optimizer, scheduler, generators, cfg.epochs)
                 log.info("%s: resuming after epoch %d of %d", checkpoint, len(history),
                          cfg.epochs)
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                # Undo whatever was restored before the misfit was found.
                 log.warning("%s: ignored, it does not fit this run (%s); training from scratch",
                             checkpoint, e)
                 model.load_state_dict(initial)
                 optimizer, scheduler, generators = _fresh_run(model, cfg, device)
-                history = []
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -192,14 +185,8 @@ def train(
                            time.perf_counter() - start)
         history.append(stats)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "epoch": epoch,
-                "history": [vars(s) for s in history],
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {name: g.get_state() for name, g in generators.items()},
-            }, run)
+            save_checkpoint(checkpoint, _snapshot(history, model, optimizer, scheduler,
+                                                  generators), run)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.1e  %.1fs",
                  epoch, cfg.epochs, stats.train_loss, stats.train_accuracy, stats.val_loss,
                  stats.val_accuracy, lr, stats.seconds)
@@ -222,3 +209,32 @@ def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device) -> tup
                                   weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
     return optimizer, scheduler, generators
+
+
+def _snapshot(history: list[EpochStats], model: FashionNet, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler,
+              generators: dict[str, torch.Generator]) -> dict:
+    """Everything the rest of a run depends on, after epoch ``len(history)``."""
+    return {
+        "epoch": len(history),
+        "history": [vars(s) for s in history],
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {name: g.get_state() for name, g in generators.items()},
+    }
+
+
+def _restore(saved: dict, model: FashionNet, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler,
+             generators: dict[str, torch.Generator], epochs: int) -> list[EpochStats]:
+    """Load a :func:`_snapshot` into the run's objects; returns the history so far."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    for name, generator in generators.items():
+        generator.set_state(saved["rng"][name])
+    history = [EpochStats(**row) for row in saved["history"]]
+    if saved["epoch"] != len(history) or len(history) > epochs:
+        raise ValueError(f"epoch {saved['epoch']} with {len(history)} history rows")
+    return history
