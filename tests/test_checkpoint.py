@@ -21,7 +21,7 @@ from fashionnet.data import LabeledImages, SplitConfig, stratified_split
 from fashionnet.errors import DataError
 from fashionnet.train import EpochStats, TrainConfig, init_model, train
 
-CFG = TrainConfig(epochs=2, batch_size=30, step_size=1, device="cpu")  # 4 steps per epoch
+CFG = TrainConfig(epochs=2, batch_size=15, step_size=1, device="cpu")  # 4 steps per epoch
 STEPS = 4
 
 Data = tuple[LabeledImages, LabeledImages]
@@ -29,10 +29,10 @@ Data = tuple[LabeledImages, LabeledImages]
 
 @pytest.fixture(scope="module")
 def small(official) -> Data:
-    """120 training and 100 validation images from the real training set."""
+    """60 training and 50 validation images from the real training set."""
     full = official[0]
     train_idx, val_idx = stratified_split(full.labels.numpy(),
-                                          SplitConfig(val_size=100, limit=120, seed=5))
+                                          SplitConfig(val_size=50, limit=60, seed=5))
     return full.subset(train_idx), full.subset(val_idx)
 
 

@@ -26,17 +26,11 @@ def assert_bad_input(result: subprocess.CompletedProcess[str], *names: str) -> N
 
 @pytest.mark.parametrize(("key", "value"), [
     ("train.lr", "fast"), ("train.epochs", -1), ("split.limit", 2.5), ("train.device", "tpu"),
-    ("split.limit", 54_001), ("train.lr", float("inf")),
+    ("split.limit", 54_001),
 ])
 def test_bad_params_exit_2_naming_the_key(repo_copy, cli_env, key, value):
     set_params(repo_copy, **{key: value})
     assert_bad_input(run(repo_copy, cli_env, "train"), "params.yaml", key)
-
-
-def test_duplicate_key_exits_2(repo_copy, cli_env):
-    params = repo_copy / "params.yaml"
-    params.write_text(params.read_text().replace("  lr: 0.003", "  lr: 0.003\n  lr: 0.1"))
-    assert_bad_input(run(repo_copy, cli_env, "split"), "params.yaml", "'lr' appears twice")
 
 
 def test_bad_and_missing_data_files_exit_2_naming_the_file(repo_copy, cli_env, raw_dir):
