@@ -35,6 +35,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.schedules import Cron
 
+from fashionnet.files import write_bytes
 from pipeline import paths
 from pipeline.params import PARAMS_FILE, Params, load_params
 
@@ -222,8 +223,7 @@ def restore(before: Snapshot) -> None:
         if data is None:
             path.unlink(missing_ok=True)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            write_bytes(path, data)  # atomic: a crash mid-restore leaves no half-written file
     if before.files[DVC_LOCK] is not None:
         run_dvc("checkout", "--force")
     for path, existed in before.cached.items():

@@ -53,6 +53,7 @@ def unsafe_writes(source: str) -> list[int]:
     """Lines writing a file outside ``with atomic_path(...)``: they could leave it half written.
 
     The helpers ``write_text(path, ...)`` and ``write_bytes(path, ...)`` of files.py are atomic.
+    Opening to append ("a", "a+": a lock file, a log) replaces nothing, so it is not counted.
     """
     found = []
 
@@ -69,8 +70,8 @@ def unsafe_writes(source: str) -> list[int]:
                 found.append(node.lineno)
             mode = node.args[1] if len(node.args) > 1 else next(
                 (k.value for k in node.keywords if k.arg == "mode"), None)
-            if getattr(func, "id", None) == "open" and isinstance(mode, ast.Constant) and any(
-                    c in str(mode.value) for c in "wax+"):
+            if getattr(func, "id", None) == "open" and isinstance(mode, ast.Constant) and (
+                    any(c in str(mode.value) for c in "wx") or str(mode.value).startswith("r+")):
                 found.append(node.lineno)
         for child in ast.iter_child_nodes(node):
             visit(child, inside)
@@ -82,6 +83,8 @@ def unsafe_writes(source: str) -> list[int]:
 def test_the_audit_catches_a_plain_write():
     assert unsafe_writes("import torch\ntorch.save(model.state_dict(), path)\n") == [2]
     assert unsafe_writes("with open(path, 'w') as f:\n    f.write(text)\n") == [1]
+    assert unsafe_writes("with open(path, mode='r+b') as f:\n    f.write(text)\n") == [1]
+    assert unsafe_writes("with open(lock, 'a+') as f:\n    f.write(pid)\n") == []
     assert unsafe_writes("frame.to_csv('metrics/accuracy.csv')\n") == [1]
     assert unsafe_writes("write_text(frame.to_csv(index=False))\n") == []
     assert unsafe_writes("with atomic_path(p) as tmp, open(tmp, 'wb') as f:\n"
