@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from fashionnet.data import CLASSES, LabeledImages, to_input
+from fashionnet.runtime import retain_freed_memory
 
-EVAL_BATCH = 2000  # images per forward pass; no gradients, so memory stays small
+EVAL_BATCH = 128  # images per forward pass: small batches stay in cache (fastest on CPU)
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,25 @@ class SplitResult:
     predictions: np.ndarray  # (N,) int64 class indices
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: LabeledImages, device: torch.device | str = "cpu",
              batch_size: int = EVAL_BATCH) -> SplitResult:
     """Evaluate ``model`` on the whole of ``data`` in eval mode (BatchNorm running stats,
-    no dropout); the model's training mode is restored afterwards."""
+    no dropout); the model's training mode is restored afterwards. On CUDA the forward
+    passes run under bfloat16 autocast."""
+    retain_freed_memory()
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     try:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         preds = []
         for start in range(0, len(data), batch_size):
-            x = to_input(data.images[start : start + batch_size]).to(device)
+            # uint8 crosses to the device, a quarter of the bytes; it is scaled there.
+            x = to_input(data.images[start : start + batch_size].to(device))
             y = data.labels[start : start + batch_size].to(device)
-            logits = model(x)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             preds.append(logits.argmax(1))
         predictions = torch.cat(preds).cpu().numpy()

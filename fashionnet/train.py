@@ -21,7 +21,8 @@ from fashionnet.checkpoint import fingerprint, resumable, save_checkpoint
 from fashionnet.data import LabeledImages, to_input
 from fashionnet.errors import ConfigError
 from fashionnet.evaluate import evaluate
-from fashionnet.model import FashionNet
+from fashionnet.model import FashionNet, autocast
+from fashionnet.runtime import retain_freed_memory
 
 log = logging.getLogger("fashionnet")
 
@@ -95,19 +96,27 @@ def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torc
                 desc: str = "") -> tuple[float, int]:
     """One pass over ``x_all[order]`` in batches; returns (summed loss, correct predictions)
     over the epoch, measured in training mode on the fly. Raises NonFiniteLoss naming the
-    first step whose loss was NaN or infinite."""
+    first step whose loss was NaN or infinite.
+
+    ``x_all`` is the whole split as uint8 (N, 28, 28) on the model's device and ``order`` a
+    permutation on that device: each batch is gathered and scaled on the device, with no
+    DataLoader and no host round trip. On CUDA the step runs under bfloat16 autocast.
+    """
+    retain_freed_memory()
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x_all.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x_all.device)
+    device = x_all.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     steps = -(-len(order) // batch_size)
-    step_loss = torch.zeros(steps, device=x_all.device)  # read only if the epoch's sum is bad
+    step_loss = torch.zeros(steps, device=device)  # read only if the epoch's sum is bad
     with tqdm(total=steps, desc=desc, unit="step", leave=False,
               disable=not sys.stderr.isatty()) as bar:
         for step, i in enumerate(range(0, len(order), batch_size)):
             idx = order[i : i + batch_size]
-            x, y = x_all[idx], y_all[idx]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            x, y = to_input(x_all[idx]), y_all[idx]  # (B, 1, 28, 28) float, (B,)
+            with autocast(device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -141,11 +150,10 @@ def train(
         # Same params, same metrics: cuDNN's autotuned kernels may sum in a varying order.
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)  # the fast layout for the convolutions
     initial = copy.deepcopy(model.state_dict())
     optimizer, scheduler, generators = _fresh_run(model, cfg, device)
-    # The whole split lives on the device as floats: (N, 1, 28, 28), 170 MB for 54,000 images.
-    x_all = to_input(train_set.images).to(device)
+    x_all = train_set.images.to(device)  # uint8 (N, 28, 28): 42 MB for 54,000 images
     y_all = train_set.labels.to(device)
     n = len(train_set)
     steps = -(-n // cfg.batch_size)
@@ -192,6 +200,7 @@ def train(
                  stats.val_accuracy, lr, stats.seconds)
         if on_epoch is not None:
             on_epoch(stats)
+    model.to(memory_format=torch.contiguous_format)  # plain strides in the saved state_dict
     return history
 
 
