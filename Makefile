@@ -25,9 +25,11 @@ data:
 	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
 	else echo "dataset-fashion-mnist not installed: fashionnet download will use the network"; fi
 
-## repro: the main job, the whole DVC pipeline (download, split, train, evaluate, report)
+## repro: the main job, the whole DVC pipeline (download, split, train, evaluate, report).
+## When a stage is to run, the stages share one Prefect server (pipeline/prefect_server.py)
+## instead of starting a temporary one each.
 repro: setup data
-	dvc repro
+	@if dvc status --quiet; then dvc repro; else python -m pipeline.prefect_server dvc repro; fi
 
 ## test: the test suite (needs the real data: Debian's package or FASHIONNET_SOURCE_DIR)
 test: setup data

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
-from sklearn.model_selection import train_test_split
 
 from fashionnet.errors import ConfigError, DataError
 from fashionnet.files import atomic_path
@@ -168,6 +167,9 @@ class SplitConfig(BaseModel):
 
 def stratified_split(labels: np.ndarray, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train_index, val_index) into ``labels``, both stratified by class."""
+    # Imported here: scikit-learn adds ~1 s to every stage's start-up, and only split needs it.
+    from sklearn.model_selection import train_test_split
+
     labels = np.asarray(labels)
     n = len(labels)
     if cfg.val_size >= n:

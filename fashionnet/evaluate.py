@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import classification_report
 from torch import nn
 from torch.nn import functional as F
 
 from fashionnet.data import CLASSES, LabeledImages, to_input
+from fashionnet.model import autocast
 from fashionnet.runtime import retain_freed_memory
 
 EVAL_BATCH = 128  # images per forward pass: small batches stay in cache (fastest on CPU)
@@ -43,7 +43,7 @@ def evaluate(model: nn.Module, data: LabeledImages, device: torch.device | str =
             # uint8 crosses to the device, a quarter of the bytes; it is scaled there.
             x = to_input(data.images[start : start + batch_size].to(device))
             y = data.labels[start : start + batch_size].to(device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             preds.append(logits.argmax(1))
@@ -63,6 +63,9 @@ def per_class_report(labels: np.ndarray, predictions: np.ndarray) -> pd.DataFram
 
     Columns ``class, precision, recall, f1-score, support``.
     """
+    # Imported here: scikit-learn adds ~1 s to the start-up of train, which never needs it.
+    from sklearn.metrics import classification_report
+
     report = classification_report(
         labels, predictions, labels=list(range(len(CLASSES))), target_names=list(CLASSES),
         output_dict=True, zero_division=0,

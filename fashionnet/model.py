@@ -60,6 +60,11 @@ def _to_channels_last(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous(memory_format=torch.channels_last)
 
 
+def autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 mixed precision on CUDA; off elsewhere, so CPU runs stay float32-exact."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
 class FashionNet(nn.Module):
     """Two conv blocks (conv -> BatchNorm -> dropout -> LeakyReLU) and a linear classifier."""
 
