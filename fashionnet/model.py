@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -13,18 +15,25 @@ from fashionnet.data import NUM_CLASSES
 _HALF_MASK_TABLE = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).float() * 2.0
 
 
+@functools.cache
+def _mask_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The table on ``device``, copied once: a copy per step would sync a GPU every step."""
+    return _HALF_MASK_TABLE.to(device=device, dtype=dtype)
+
+
 def keep_mask_half(x: torch.Tensor) -> torch.Tensor:
     """A Bernoulli(0.5) keep-mask shaped and laid out like ``x``, scaled by 1/(1-p) = 2.
 
     Exact Bernoulli(0.5): every element is one uniformly random bit. The bits come 64 to a
-    draw of the global torch generator and expand to floats through an 8-bit lookup table,
-    in three passes over n/8 values; ``bernoulli_`` draws one random number per element.
+    draw of the device's global torch generator (so its RNG state covers them) and become
+    floats 8 at a time through a lookup table; ``bernoulli_`` draws a random float for every
+    element, and on a CPU that is nearly half of a training step.
     """
     n = x.numel()
     words = torch.empty((n + 63) // 64, dtype=torch.int64, device=x.device)
     words.random_(-(2**63), None)  # the full 64-bit range: 64 uniform bits per word
-    table = _HALF_MASK_TABLE.to(device=x.device, dtype=x.dtype)
-    mask = table.index_select(0, words.view(torch.uint8).int()).view(-1)[:n]
+    byte_index = words.view(torch.uint8).int()  # (n/8,) rows of the table
+    mask = _mask_table(x.device, x.dtype).index_select(0, byte_index).view(-1)[:n]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return mask.as_strided(x.shape, x.stride())  # the same layout: elementwise ops vectorise
     return mask.view(x.shape)
