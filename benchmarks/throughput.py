@@ -32,6 +32,7 @@ from torchvision import datasets, transforms
 from fashionnet import download
 from fashionnet.data import RAW_FILES, LabeledImages, load_raw
 from fashionnet.evaluate import evaluate
+from fashionnet.model import resolve_precision
 from fashionnet.train import init_model, train_epoch
 
 REFERENCE_BATCH = 64
@@ -101,6 +102,10 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=10_000, help="of the test set")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256],
                         help="engine training batch sizes (the reference always uses 64)")
+    native = resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    parser.add_argument("--precisions", nargs="+", choices=["float32", "bfloat16"],
+                        default=["float32", "bfloat16"] if native else ["float32"],
+                        help="engine compute precisions (default: bfloat16 too where native)")
     parser.add_argument("--repeats", type=int, default=1, help="timings per figure; best kept")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -141,30 +146,34 @@ def main() -> None:
     print(f"{'':28s}{'train img/s':>12s}{'ratio':>8s}{'eval img/s':>12s}{'ratio':>8s}")
     print(f"{'reference (batch 64)':28s}{ref_train_ips:12.0f}{1:8.2f}{ref_eval_ips:12.0f}{1:8.2f}")
 
-    for batch_size in args.batch_sizes:
-        train_ips, eval_ips = engine_throughput(train_set, val_set, test, batch_size,
-                                                args.repeats)
-        print(f"{f'engine (batch {batch_size})':28s}{train_ips:12.0f}"
-              f"{train_ips / ref_train_ips:8.2f}{eval_ips:12.0f}{eval_ips / ref_eval_ips:8.2f}")
+    for precision in args.precisions:
+        dtype = resolve_precision(precision, torch.device("cpu"))
+        for batch_size in args.batch_sizes:
+            train_ips, eval_ips = engine_throughput(train_set, val_set, test, batch_size,
+                                                    args.repeats, dtype)
+            name = f"engine (batch {batch_size}, {precision})"
+            print(f"{name:28s}{train_ips:12.0f}{train_ips / ref_train_ips:8.2f}"
+                  f"{eval_ips:12.0f}{eval_ips / ref_eval_ips:8.2f}")
 
 
 def engine_throughput(train_set: LabeledImages, val_set: LabeledImages, test: LabeledImages,
-                      batch_size: int, repeats: int) -> tuple[float, float]:
+                      batch_size: int, repeats: int,
+                      dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """(training images/s with validation, evaluation images/s) of the engine."""
     model = init_model(0).to(memory_format=torch.channels_last)  # as train() sets it up
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-5, amsgrad=True)
     x_all, y_all = train_set.images, train_set.labels  # uint8, as train() keeps them
     train_epoch(model, optimizer, x_all, y_all, torch.arange(min(640, len(train_set))),
-                batch_size)  # warm-up
+                batch_size, dtype=dtype)  # warm-up
     generator = torch.Generator().manual_seed(0)
 
     def epoch() -> None:
         order = torch.randperm(len(train_set), generator=generator)
-        train_epoch(model, optimizer, x_all, y_all, order, batch_size)
-        evaluate(model, val_set)
+        train_epoch(model, optimizer, x_all, y_all, order, batch_size, dtype=dtype)
+        evaluate(model, val_set, dtype=dtype)
 
     train_ips = len(train_set) / timed(epoch, repeats)
-    return train_ips, len(test) / timed(lambda: evaluate(model, test), repeats)
+    return train_ips, len(test) / timed(lambda: evaluate(model, test, dtype=dtype), repeats)
 
 if __name__ == "__main__":
     main()

@@ -28,10 +28,10 @@ class SplitResult:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: LabeledImages, device: torch.device | str = "cpu",
-             batch_size: int = EVAL_BATCH) -> SplitResult:
+             batch_size: int = EVAL_BATCH, dtype: torch.dtype = torch.float32) -> SplitResult:
     """Evaluate ``model`` on the whole of ``data`` in eval mode (BatchNorm running stats,
-    no dropout); the model's training mode is restored afterwards. On CUDA the forward
-    passes run under bfloat16 autocast."""
+    no dropout); the model's training mode is restored afterwards. With ``dtype`` bfloat16
+    the forward passes run under autocast."""
     retain_freed_memory()
     device = torch.device(device)
     was_training = model.training
@@ -43,7 +43,7 @@ def evaluate(model: nn.Module, data: LabeledImages, device: torch.device | str =
             # uint8 crosses to the device, a quarter of the bytes; it is scaled there.
             x = to_input(data.images[start : start + batch_size].to(device))
             y = data.labels[start : start + batch_size].to(device)
-            with autocast(device):
+            with autocast(device, dtype):
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             preds.append(logits.argmax(1))

@@ -69,9 +69,24 @@ def _to_channels_last(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous(memory_format=torch.channels_last)
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """bfloat16 mixed precision on CUDA; off elsewhere, so CPU runs stay float32-exact."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for ``train.precision``. ``auto`` is bfloat16 where the hardware
+    computes it natively (CUDA with bf16; CPUs with AVX512-BF16, such as those with AMX),
+    which runs the convolutions about twice as fast, and float32 elsewhere, where bfloat16
+    would be emulated and slower."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.autocast:
+    """Mixed precision when ``dtype`` is bfloat16: convolutions and the linear layer compute
+    in bfloat16, the loss, BatchNorm statistics and optimizer state stay float32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 class FashionNet(nn.Module):

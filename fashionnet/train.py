@@ -21,7 +21,7 @@ from fashionnet.checkpoint import fingerprint, resumable, save_checkpoint
 from fashionnet.data import LabeledImages, to_input
 from fashionnet.errors import ConfigError
 from fashionnet.evaluate import evaluate
-from fashionnet.model import FashionNet, autocast
+from fashionnet.model import FashionNet, autocast, resolve_precision
 from fashionnet.runtime import retain_freed_memory
 
 log = logging.getLogger("fashionnet")
@@ -52,6 +52,7 @@ class TrainConfig(BaseModel):
     gamma: Number = Field(0.1, gt=0, le=1)
     seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # see model.resolve_precision
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,14 @@ class NonFiniteLoss(FloatingPointError):
 
 def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torch.Tensor,
                 y_all: torch.Tensor, order: torch.Tensor, batch_size: int,
-                desc: str = "") -> tuple[float, int]:
+                desc: str = "", dtype: torch.dtype = torch.float32) -> tuple[float, int]:
     """One pass over ``x_all[order]`` in batches; returns (summed loss, correct predictions)
     over the epoch, measured in training mode on the fly. Raises NonFiniteLoss naming the
     first step whose loss was NaN or infinite.
 
     ``x_all`` is the whole split as uint8 (N, 28, 28) on the model's device and ``order`` a
     permutation on that device: each batch is gathered and scaled on the device, with no
-    DataLoader and no host round trip. On CUDA the step runs under bfloat16 autocast.
+    DataLoader and no host round trip. With ``dtype`` bfloat16 the step runs under autocast.
     """
     retain_freed_memory()
     model.train()
@@ -114,7 +115,7 @@ def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torc
         for step, i in enumerate(range(0, len(order), batch_size)):
             idx = order[i : i + batch_size]
             x, y = to_input(x_all[idx]), y_all[idx]  # (B, 1, 28, 28) float, (B,)
-            with autocast(device):
+            with autocast(device, dtype):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -151,6 +152,7 @@ def train(
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     model.to(device, memory_format=torch.channels_last)  # the fast layout for the convolutions
+    dtype = resolve_precision(cfg.precision, device)
     initial = copy.deepcopy(model.state_dict())
     optimizer, scheduler, generators = _fresh_run(model, cfg, device)
     x_all = train_set.images.to(device)  # uint8 (N, 28, 28): 42 MB for 54,000 images
@@ -159,7 +161,7 @@ def train(
     steps = -(-n // cfg.batch_size)
     history: list[EpochStats] = []
     if checkpoint is not None:
-        run = fingerprint(cfg.model_dump(exclude={"device"}),
+        run = fingerprint({**cfg.model_dump(exclude={"device"}), "precision": str(dtype)},
                           (train_set.images, train_set.labels, val_set.images, val_set.labels),
                           device)
         saved = resumable(checkpoint, run)
@@ -180,12 +182,13 @@ def train(
         order = torch.randperm(n, generator=generators["shuffle"]).to(device)
         try:
             loss_sum, correct = train_epoch(model, optimizer, x_all, y_all, order,
-                                            cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}")
+                                            cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}",
+                                            dtype=dtype)
         except NonFiniteLoss as e:
             raise FloatingPointError(f"training diverged at epoch {epoch}, step {e.step} of "
                                      f"{steps}: the loss is {e.loss}") from None
         scheduler.step()
-        val = evaluate(model, val_set, device)
+        val = evaluate(model, val_set, device, dtype=dtype)
         if not math.isfinite(val.loss):
             raise FloatingPointError(f"training diverged at epoch {epoch}: the validation "
                                      f"loss is {val.loss}")

@@ -14,6 +14,7 @@ from fashionnet.checkpoint import load_weights
 from fashionnet.data import LabeledImages, load_split
 from fashionnet.evaluate import SplitResult, evaluate, per_class_report
 from fashionnet.files import write_text
+from fashionnet.model import resolve_precision
 from fashionnet.train import resolve_device
 from pipeline import paths
 from pipeline.params import Params
@@ -23,18 +24,20 @@ SPLITS = ("train", "val", "test")
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate-{name}")
 def evaluate_split(model: FashionNet, name: str, data: LabeledImages,
-                   device: torch.device) -> SplitResult:
-    return evaluate(model, data, device)
+                   device: torch.device, dtype: torch.dtype) -> SplitResult:
+    return evaluate(model, data, device, dtype=dtype)
 
 
 @flow(name="evaluate")
 def evaluate_flow(params: Params) -> dict[str, float]:
     """metrics/{metrics.json, accuracy.csv, classification_report.csv, predictions.csv}."""
     device = resolve_device(params.train.device)
+    dtype = resolve_precision(params.train.precision, device)  # as in training
     model = load_weights(paths.MODEL, FashionNet())
     model.to(device, memory_format=torch.channels_last)  # the fast layout for the convolutions
     data = {name: load_split(paths.PREPARED[name]) for name in SPLITS}
-    results = {name: evaluate_split(model, name, data[name], device) for name in SPLITS}
+    results = {name: evaluate_split(model, name, data[name], device, dtype)
+               for name in SPLITS}
     accuracy = {name: r.accuracy for name, r in results.items()}
     loss = {name: r.loss for name, r in results.items()}
     write_text(paths.METRICS_JSON,

@@ -32,7 +32,7 @@ def run_description(info: dict, test_images: int) -> dict[str, str]:
                   f"weight decay {cfg['weight_decay']} amsgrad {cfg['amsgrad']}, StepLR "
                   f"step {cfg['step_size']} gamma {cfg['gamma']}, seed {cfg['seed']}",
         "machine": f"{info['device']} ({info['cpu']}, {info['cpu_threads']} threads), "
-                   f"torch {info['torch']}",
+                   f"{info['precision']} compute, torch {info['torch']}",
         "training time": f"{info['seconds']:.0f} s, started {info['started']}",
     }
 

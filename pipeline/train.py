@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from fashionnet import FashionNet
 from fashionnet.data import LabeledImages, load_split
 from fashionnet.files import atomic_path, write_text
+from fashionnet.model import resolve_precision
 from fashionnet.train import EpochStats, TrainConfig, init_model, resolve_device, train
 from pipeline import paths
 from pipeline.params import Params
@@ -45,6 +46,7 @@ def train_flow(params: Params) -> list[EpochStats]:
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(sum(s.seconds for s in history), 1),
         "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "precision": str(resolve_precision(cfg.precision, device)).removeprefix("torch."),
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,

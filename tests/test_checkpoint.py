@@ -19,6 +19,7 @@ from fashionnet import FashionNet
 from fashionnet.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from fashionnet.data import LabeledImages, SplitConfig, stratified_split
 from fashionnet.errors import DataError
+from fashionnet.model import resolve_precision
 from fashionnet.train import EpochStats, TrainConfig, init_model, train
 
 CFG = TrainConfig(epochs=2, batch_size=15, step_size=1, device="cpu")  # 4 steps per epoch
@@ -85,7 +86,9 @@ def test_checkpoint_holds_everything_a_resume_needs(small, tmp_path):
     assert state["scheduler"]["last_epoch"] == 1
     assert set(state["rng"]) == {"torch", "shuffle"}
     assert set(made_by) == {"params", "data", "code", "torch", "device", "threads"}
-    assert json.loads(made_by["params"]) == CFG.model_dump(exclude={"device"})
+    assert json.loads(made_by["params"]) == {**CFG.model_dump(exclude={"device"}),
+                                             "precision": str(resolve_precision(
+                                                 CFG.precision, torch.device("cpu")))}
     # Plain PyTorch reads it too, safely.
     assert torch.load(checkpoint, weights_only=True)["state"]["epoch"] == 1
 

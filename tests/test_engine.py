@@ -14,7 +14,6 @@ from torch.nn import functional as F
 from fashionnet import FashionNet
 from fashionnet import evaluate as evaluate_module
 from fashionnet import model as model_module
-from fashionnet import train as train_module
 from fashionnet.data import to_input
 from fashionnet.train import TrainConfig, init_model, train, train_epoch
 from tests.conftest import REPO
@@ -117,24 +116,37 @@ def test_same_seed_same_weights(official):
         assert tensor.is_contiguous(), name  # saved with plain strides
 
 
-def test_mixed_precision_path_trains_on_cpu(official, monkeypatch):
-    """The CUDA path's per-step bfloat16 autocast, run with CPU autocast: the masks take the
-    activations' dtype, and the steps learn."""
-    bf16 = lambda device: torch.autocast("cpu", torch.bfloat16)  # noqa: E731
-    monkeypatch.setattr(train_module, "autocast", bf16)
-    monkeypatch.setattr(evaluate_module, "autocast", bf16)
+def test_bfloat16_mixed_precision_trains_and_evaluates(official):
+    """The bfloat16 path (CUDA, and CPUs with native bfloat16): masks take the activations'
+    dtype, the loss and the weights stay float32, and the steps learn."""
     torch.manual_seed(0)
     model = FashionNet().to(memory_format=CHANNELS_LAST)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, amsgrad=True)
     data = official[0].subset(np.arange(1024))
     order = torch.arange(1024)
-    first, _ = train_epoch(model, optimizer, data.images, data.labels, order, 128)
-    second, correct = train_epoch(model, optimizer, data.images, data.labels, order, 128)
+    bf16 = torch.bfloat16
+    first, _ = train_epoch(model, optimizer, data.images, data.labels, order, 128, dtype=bf16)
+    second, correct = train_epoch(model, optimizer, data.images, data.labels, order, 128,
+                                  dtype=bf16)
     assert second < first and correct / 1024 > 0.6
-    assert evaluate_module.evaluate(model, official[1].subset(np.arange(500))).accuracy > 0.6
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    test = official[1].subset(np.arange(500))
+    fast = evaluate_module.evaluate(model, test, dtype=bf16)
+    exact = evaluate_module.evaluate(model, test)
+    assert fast.accuracy > 0.6
+    assert abs(fast.accuracy - exact.accuracy) <= 0.01  # bfloat16 changes few predictions
     with torch.autocast("cpu", torch.bfloat16):
         half = model_module.keep_mask_half(torch.ones(2, 3, dtype=torch.bfloat16))
     assert half.dtype == torch.bfloat16
+
+
+def test_precision_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert model_module.resolve_precision("float32", cpu) == torch.float32
+    assert model_module.resolve_precision("bfloat16", cpu) == torch.bfloat16
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        assert model_module.resolve_precision("auto", cpu) == expected
 
 
 def test_benchmark_smoke(raw_dir):
@@ -143,6 +155,6 @@ def test_benchmark_smoke(raw_dir):
          "--train-images", "320", "--eval-images", "640", "--batch-sizes", "64"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
     rows = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()}
-    assert "reference (batch 64)" in rows and "engine (batch 64)" in rows
-    engine = rows["engine (batch 64)"]
+    assert "reference (batch 64)" in rows and "engine (batch 64, float32)" in rows
+    engine = rows["engine (batch 64, float32)"]
     assert float(engine[-3]) > 0 and float(engine[-1]) > 0  # train and eval ratios
