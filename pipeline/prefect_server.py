@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,11 +48,13 @@ def healthy(api_url: str) -> bool:
 
 
 @contextmanager
-def prefect_server() -> Iterator[str]:
-    """A `prefect server start` on a free loopback port for the duration; its API URL."""
+def prefect_server(env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A `prefect server start` on a free loopback port for the duration; its API URL.
+    ``env`` adds to the server's environment (PREFECT_HOME, say)."""
     port = free_port()
     prefect = Path(sys.executable).with_name("prefect")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
+    env.pop("PREFECT_API_URL", None)  # the server serves its own API, whatever a profile says
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
