@@ -7,8 +7,11 @@ from sklearn.metrics import precision_recall_fscore_support
 from torch.nn import functional as F
 
 from fashionnet import CLASSES, FashionNet
-from fashionnet.data import to_input
+from fashionnet import model as model_module
+from fashionnet.data import LabeledImages, to_input
 from fashionnet.evaluate import evaluate, per_class_report
+from fashionnet.model import InferenceNet
+from fashionnet.train import train_epoch
 
 
 def test_per_class_report_matches_sklearn():
@@ -42,3 +45,73 @@ def test_evaluate_matches_a_plain_forward_pass(official):
     assert result.loss == pytest.approx(F.cross_entropy(logits, data.labels).item(), rel=1e-5)
     assert np.array_equal(result.predictions, logits.argmax(1).numpy())
     assert result.accuracy == pytest.approx((logits.argmax(1) == data.labels).float().mean())
+
+
+@pytest.fixture(scope="module")
+def trained(official):
+    """A FashionNet after a few real training steps: BatchNorm statistics and weights that
+    folding has to get right (fresh ones have mean 0, variance 1)."""
+    torch.manual_seed(0)
+    model = FashionNet().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, amsgrad=True)
+    data = official[0].subset(np.arange(1024))
+    train_epoch(model, optimizer, data.images, data.labels, torch.randperm(1024), 64)
+    return model.eval()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["onednn", "plain"])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_inference_net_computes_the_eval_forward_pass(official, trained, monkeypatch, fused,
+                                                      layout):
+    if not fused:  # the path a GPU (or a torch without oneDNN) takes
+        monkeypatch.setattr(model_module, "_onednn_conv_leaky_relu", lambda: None)
+    elif model_module._onednn_conv_leaky_relu() is None:
+        pytest.skip("this torch has no oneDNN convolution with fused LeakyReLU")
+    model = FashionNet()
+    model.load_state_dict(trained.state_dict())
+    model = model.to(memory_format=layout).eval()
+    x = to_input(official[1].images[:1000])
+    with torch.no_grad():
+        expected = model(x)
+    net = InferenceNet(model)
+    assert (net._fused is not None) == fused
+    logits = net(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+    half = InferenceNet(model, torch.bfloat16)(x)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (half.argmax(1) == expected.argmax(1)).float().mean() > 0.99
+
+
+def test_evaluate_in_parallel_batches_equals_one_thread(official, trained):
+    data = official[1].subset(np.arange(2000))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = evaluate(trained, data, batch_size=128)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        serial = evaluate(trained, data, batch_size=128)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(parallel.predictions, serial.predictions)
+    assert parallel.loss == pytest.approx(serial.loss, rel=1e-6)
+    assert parallel.accuracy == serial.accuracy > 0.6
+
+
+def test_evaluate_restores_threads_and_mode_when_a_batch_fails(official, trained):
+    data = official[1].subset(np.arange(600))
+    bad = LabeledImages(data.images, data.labels.clone())
+    bad.labels[-1] = 10  # no such class: cross_entropy raises in the last batch
+    threads = torch.get_num_threads()
+    trained.train()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises((IndexError, RuntimeError)):
+            evaluate(trained, bad, batch_size=256)
+        assert torch.get_num_threads() == 2
+        assert trained.training
+    finally:
+        torch.set_num_threads(threads)
+        trained.eval()
