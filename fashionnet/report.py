@@ -140,11 +140,100 @@ def per_class_table(report: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SEED_COLUMNS = ["seed", "train_accuracy", "val_accuracy", "test_accuracy", "train_seconds",
+                "epochs", "limit"]
+_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def seed_spread_table(seeds: pd.DataFrame) -> pd.DataFrame:
+    """One row per training seed (metrics/seeds.csv), then mean ± standard deviation (n - 1)
+    over them, then the seed's single run."""
+    rows = []
+    for row in seeds.to_dict("records"):
+        rows.append({"run": f"train.seed {int(row['seed'])}",
+                     **{name: f"{row[f'{split}_accuracy']:.2%}"
+                        for split, name in _SPLIT_NAMES.items()},
+                     "training time": _duration(row["train_seconds"])})
+    n = len(seeds)
+    spread = {}
+    for split, name in _SPLIT_NAMES.items():
+        values = seeds[f"{split}_accuracy"] * 100
+        std = values.std(ddof=1) if n > 1 else float("nan")
+        spread[name] = f"**{values.mean():.2f} ± {std:.2f}%**"
+    rows.append({"run": f"**mean ± std, {n} seeds**", **spread,
+                 "training time": _duration(seeds["train_seconds"].mean())})
+    rows.append({"run": "the seed's single run",
+                 **{name: f"{SEED_ACCURACY[split]:.2%}" for split, name in _SPLIT_NAMES.items()},
+                 "training time": "-"})
+    return pd.DataFrame(rows)
+
+
+def seed_spread_markdown(seeds: pd.DataFrame | None,
+                         recipe: Mapping[str, int] | None = None) -> str:
+    """The report's section on the spread over training seeds; ``recipe`` holds the epochs
+    and limit of the run this report is about, to flag seeds run with another recipe."""
+    if seeds is None or seeds.empty:
+        return ("No spread over training seeds is recorded (metrics/seeds.csv has no rows): "
+                "`fashionnet seeds` runs the recipe once per seed and records it.")
+    text = ("The recipe above, run once per `train.seed` as DVC experiments `seed-N` "
+            "(`fashionnet seeds`, see `dvc exp show`); the split and everything else are the "
+            "same. Standard deviation over runs, n - 1.\n\n" + _table(seed_spread_table(seeds)))
+    if recipe is None:
+        return text
+    other = seeds[(seeds["epochs"] != recipe["epochs"]) | (seeds["limit"] != recipe["limit"])]
+    if not other.empty:
+        text += (f"\n\n**Note**: {len(other)} of these runs used another recipe than this "
+                 f"report's run (epochs {recipe['epochs']}, limit {recipe['limit']}): "
+                 + ", ".join(f"seed {int(r.seed)}: epochs {int(r.epochs)}, limit {int(r.limit)}"
+                             for r in other.itertuples()) + ".")
+    return text
+
+
+def differences_markdown(accuracy: Mapping[str, float], test_images: int) -> str:
+    """Why this project's figures and the seed's cannot match exactly."""
+    seed_images = int(SEED_PER_CLASS["support"].sum())
+    test = accuracy["test"]
+
+    def stderr(n: int) -> float:  # binomial standard error of an accuracy on n images
+        return (test * (1 - test) / n) ** 0.5 * 100
+
+    return f"""- **Test set.** The seed's per-class support sums to {seed_images:,} images, about
+  400 a class: its test set was a {seed_images:,}-image subset (or a split) of unknown
+  selection. This project tests on the official {test_images:,}-image test set, 1,000 a
+  class. At this accuracy, the sampling error alone is ±{stderr(seed_images):.2f} points on
+  {seed_images:,} images and ±{stderr(test_images):.2f} on {test_images:,} (one standard
+  error), so per-class figures, from about 400 images each in the seed, can differ by a few
+  hundredths from sampling alone.
+- **Train and validation accuracy.** Here both are measured after training, in eval mode
+  (BatchNorm running statistics, no dropout), over the whole split: {accuracy["train"]:.2%}
+  train and {accuracy["val"]:.2%} validation here, {SEED_ACCURACY["train"]:.2%} and
+  {SEED_ACCURACY["val"]:.2%} in the seed. The seed does not say how it measured them, nor how
+  large its validation split was or how it was drawn. A train accuracy averaged over an epoch
+  while training, with dropout active, comes out lower than an eval-mode one; this project's
+  validation split is 6,000 images, stratified, from the official training set.
+- **Run to run.** Training is seeded and repeatable on one machine, but the spread over
+  training seeds (above) is the yardstick for comparing one run with another: differences
+  within about two standard deviations are noise, not an effect of the code.
+- **Precision.** On CPUs with native bfloat16 (and on CUDA) the convolutions compute in
+  bfloat16 (`train.precision: auto`); `train.precision: float32` reproduces the seed's float32
+  arithmetic, at about 0.7x the speed."""
+
+
 def render_markdown(accuracy: pd.DataFrame, report: pd.DataFrame,
-                    figures: Mapping[str, str], run: Mapping[str, str]) -> str:
-    """The report's markdown: what was run, the two tables, the figures (relative paths)."""
+                    figures: Mapping[str, str], run: Mapping[str, str],
+                    seeds: pd.DataFrame | None = None,
+                    recipe: Mapping[str, int] | None = None) -> str:
+    """The report's markdown: what was run, the accuracy and per-class tables, the spread
+    over training seeds (``seeds``, metrics/seeds.csv; ``recipe``: this run's epochs and
+    limit), why the figures differ from the seed's, the figures (relative paths)."""
     run_lines = "\n".join(f"- **{key}**: {value}" for key, value in run.items())
     figure_lines = "\n\n".join(f"![{title}]({src})" for title, src in figures.items())
+    by_split = accuracy.set_index("split")["accuracy"].to_dict()
+    test_images = int(report[report["class"].isin(CLASSES)]["support"].sum())
     return f"""# FashionNet report
 
 ## What was run
@@ -160,6 +249,12 @@ Each cell: this run (the seed's figure). The seed's support sums to 4,000 test i
 this project tests on the official 10,000-image test set, 1,000 per class.
 
 {_table(per_class_table(report))}
+
+## Spread over training seeds
+{seed_spread_markdown(seeds, recipe)}
+
+## Why these figures differ from the seed's
+{differences_markdown(by_split, test_images)}
 
 ## Figures
 {figure_lines}

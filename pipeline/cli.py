@@ -23,6 +23,8 @@ STAGE_HELP = {
 }
 RETRAIN_HELP = "the retraining flow, once: rebuild what is stale with DVC, compare, gate"
 SERVE_HELP = "serve the fashionnet-retrain/scheduled deployment on schedule.cron until stopped"
+SEEDS_HELP = ("the recipe once per training seed, as DVC experiments: metrics/seeds.csv, the "
+              "report's spread over seeds, and the own train.seed's run applied to the workspace")
 
 
 class _DropInputErrorTracebacks(logging.Filter):
@@ -66,7 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
                          type=_override, metavar="KEY=VALUE",
                          help="set a params.yaml key for this run, as dvc exp run -S does")
     sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
+    seeds = sub.add_parser("seeds", help=SEEDS_HELP, description=SEEDS_HELP)
+    seeds.add_argument("seeds", nargs="*", type=int, metavar="SEED",
+                       help="train.seed values (default: params.yaml's train.seed, 1, 2, 3)")
+    seeds.add_argument("-j", "--jobs", type=_positive, default=1,
+                       help="experiments run at a time (default 1)")
+    seeds.add_argument("--threads", type=_positive,
+                       help="torch CPU threads per experiment (default: torch's own); on a "
+                            "2-core CPU, --jobs 2 --threads 1 trains fastest")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is below 1")
+    return value
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -94,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.retrain import retrain_flow
 
             retrain_flow(force=args.force, seed=args.seed, set_params=dict(args.set_params))
+        elif args.command == "seeds":
+            from pipeline.seeds import seeds_flow
+
+            seeds_flow(seeds=args.seeds or None, jobs=args.jobs, threads=args.threads)
         elif args.command == "serve":
             from pipeline.retrain import serve
 

@@ -21,6 +21,9 @@ METRICS_JSON = METRICS_DIR / "metrics.json"
 ACCURACY = METRICS_DIR / "accuracy.csv"
 CLASS_REPORT = METRICS_DIR / "classification_report.csv"
 PREDICTIONS = METRICS_DIR / "predictions.csv"
+# One row per training seed, written by `fashionnet seeds` (not a stage) and committed; the
+# report stage reads it.
+SEEDS = METRICS_DIR / "seeds.csv"
 
 REPORTS_DIR = Path("reports")
 REPORT = REPORTS_DIR / "report.md"

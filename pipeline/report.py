@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -37,6 +38,19 @@ def run_description(info: dict, test_images: int) -> dict[str, str]:
     }
 
 
+def read_seeds(path: Path = paths.SEEDS) -> pd.DataFrame | None:
+    """metrics/seeds.csv (`fashionnet seeds`): None when it is missing or has no rows yet;
+    refused (DataError) when it has rows the report cannot use."""
+    try:
+        if not pd.read_csv(path).shape[0]:
+            return None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, pd.errors.ParserError):
+        pass  # read_table names what is wrong
+    return report.read_table(path, report.SEED_COLUMNS)
+
+
 @flow(name="report")
 def report_flow(params: Params) -> Path:
     """The accuracy and per-class tables beside the seed's, learning curves, confusion matrix."""
@@ -66,7 +80,9 @@ def report_flow(params: Params) -> Path:
                                  predictions["predicted"].to_numpy(), paths.CONFUSION_MATRIX)
     figures = {"Learning curves": paths.LEARNING_CURVES.name,
                "Test confusion matrix": paths.CONFUSION_MATRIX.name}
-    markdown = report.render_markdown(accuracy, per_class, figures, run)
+    recipe = {"epochs": info["params"]["train"]["epochs"],
+              "limit": info["params"]["split"]["limit"]}
+    markdown = report.render_markdown(accuracy, per_class, figures, run, read_seeds(), recipe)
     write_text(paths.REPORT, markdown)
     create_markdown_artifact(markdown, key="fashionnet-report",
                              description="FashionNet accuracy and per-class report")

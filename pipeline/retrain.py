@@ -20,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ from pipeline.params import PARAMS_FILE, Params, load_params
 FLOW_NAME, DEPLOYMENT = "fashionnet-retrain", "scheduled"
 RETRAIN_FROM = "train"  # `force` reruns this stage and everything downstream of it
 DVC_LOCK = Path("dvc.lock")
-LOCK_FILE = Path(".dvc/tmp/fashionnet-retrain.lock")  # .dvc/tmp: ignored by git and DVC
+LOCK_FILE = Path(".dvc/tmp/fashionnet-workspace.lock")  # .dvc/tmp: ignored by git and DVC
 GATED_METRIC = "accuracy.test"
 
 
@@ -55,20 +55,21 @@ class WorkspaceBusy(RuntimeError):
 
 
 @contextmanager
-def workspace_lock() -> Iterator[None]:
-    """Hold the workspace for one retrain; a second one fails at once instead of interleaving
-    its stages, params and restore with the first. The OS drops the lock if the holder dies."""
+def workspace_lock(command: str = "retrain") -> Iterator[None]:
+    """Hold the workspace for one run of ``fashionnet <command>`` (retrain, seeds); a second
+    one fails at once instead of interleaving its stages, params and restore with the first.
+    The OS drops the lock if the holder dies."""
     LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
     with open(LOCK_FILE, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise WorkspaceBusy(f"another retrain ({holder}) is running in this workspace; "
+            holder = f.read().strip() or "another fashionnet run"
+            raise WorkspaceBusy(f"{holder} is running in this workspace; "
                                 "nothing was changed, try again when it ends") from None
         f.truncate(0)
-        f.write(f"pid {os.getpid()}\n")
+        f.write(f"`fashionnet {command}` (pid {os.getpid()})\n")
         f.flush()
         try:
             yield
@@ -120,12 +121,14 @@ def snapshot() -> Snapshot:
                     cached={p: p.exists() for p in cached})
 
 
-def run_dvc(*args: str) -> None:
-    """Run a dvc command, its output line by line into the current run's logs."""
+def run_dvc(*args: str, env: Mapping[str, str] | None = None) -> None:
+    """Run a dvc command, its output line by line into the current run's logs; ``env`` adds
+    to the environment it gets."""
     logger = get_run_logger()
     logger.info("$ dvc %s", " ".join(args))
     with subprocess.Popen(["dvc", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=_child_env(), start_new_session=True) as proc:
+                          text=True, env={**_child_env(), **(env or {})},
+                          start_new_session=True) as proc:
         assert proc.stdout is not None
         try:
             for line in proc.stdout:

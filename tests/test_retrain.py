@@ -262,7 +262,7 @@ def test_serve_runs_the_scheduled_deployment(baseline, prefect_api, tmp_path):
                  "the served run to hold the workspace")
         second = fashionnet(repo, env, "retrain")
         assert second.returncode == 1, second.stdout + second.stderr
-        assert "another retrain (pid" in second.stderr
+        assert "`fashionnet retrain` (pid" in second.stderr
         assert state() == "RUNNING", "the run ended before the second retrain could overlap it"
 
         final = wait_for(lambda: (s := state()) in {"COMPLETED", "FAILED", "CRASHED"} and s,

@@ -1,0 +1,133 @@
+"""The spread over training seeds: the recipe once per ``train.seed``, as DVC experiments.
+
+`fashionnet seeds` queues one DVC experiment per seed (`dvc exp run --queue -S train.seed=N
+-n seed-N`) and runs the queue, ``jobs`` experiments at a time, each in its own temporary copy
+of the workspace (`dvc exp run --run-all -j`); `dvc exp show` compares them afterwards. Their
+accuracies and training times go to metrics/seeds.csv, one row per seed, which the report
+stage turns into a mean ± standard deviation table beside the seed's single run.
+
+The experiment with params.yaml's own ``train.seed`` is then applied to the workspace (`dvc
+exp apply`), so dvc.lock and the metrics files record that run, and `dvc repro` brings the
+report up to date: what is left is to commit. (DVC rewrites params.yaml in its own layout
+for `-S`; when the values are the same, the file's own layout and comments are put back.)
+If a run fails, the flow fails and the workspace and metrics/seeds.csv are left as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import dvc.api
+import pandas as pd
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from fashionnet.files import write_bytes, write_text
+from pipeline import paths
+from pipeline.params import PARAMS_FILE, load_params
+from pipeline.retrain import run_dvc, workspace_lock
+
+FLOW_NAME = "fashionnet-seeds"
+COLUMNS = ["seed", "experiment", "train_accuracy", "val_accuracy", "test_accuracy",
+           "train_seconds", "epochs", "limit", "device", "precision", "threads"]
+EXTRA_SEEDS = (1, 2, 3)  # after params.yaml's train.seed, when no seeds are given
+
+
+def experiment_name(seed: int) -> str:
+    return f"seed-{seed}"
+
+
+def _experiments() -> set[str]:
+    """The names of the experiments on the current git commit."""
+    out = subprocess.run(["dvc", "exp", "list", "--name-only"], capture_output=True, text=True,
+                         check=True).stdout
+    return set(out.split())
+
+
+@task(cache_policy=NO_CACHE, task_run_name="queue-seed-{seed}")
+def queue_experiment(seed: int) -> str:
+    """Queue the recipe with ``train.seed`` = ``seed``; a finished experiment of the same name
+    on this commit is replaced."""
+    name = experiment_name(seed)
+    if name in _experiments():
+        run_dvc("exp", "remove", name)
+    run_dvc("exp", "run", "--queue", "-S", f"train.seed={seed}", "-n", name)
+    return name
+
+
+@task(cache_policy=NO_CACHE)
+def run_queue(jobs: int, threads: int | None) -> None:
+    """Run every queued experiment, ``jobs`` at a time, until the queue is empty."""
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    run_dvc("exp", "run", "--run-all", "--jobs", str(jobs), env=env)
+
+
+def seed_row(seed: int, experiment: dict[str, Any]) -> dict[str, Any]:
+    """A metrics/seeds.csv row from a `dvc exp show` row and the run's train_info.json."""
+    info = json.loads(dvc.api.read(str(paths.TRAIN_INFO), rev=experiment["rev"]))
+    recipe = info["params"]
+    return {
+        "seed": seed,
+        "experiment": experiment["Experiment"],
+        "train_accuracy": experiment["accuracy.train"],
+        "val_accuracy": experiment["accuracy.val"],
+        "test_accuracy": experiment["accuracy.test"],
+        "train_seconds": info["seconds"],
+        "epochs": recipe["train"]["epochs"],
+        "limit": recipe["split"]["limit"],
+        "device": info["device"],
+        "precision": info["precision"],
+        "threads": info["cpu_threads"],
+    }
+
+
+@task(cache_policy=NO_CACHE)
+def collect(seeds: list[int]) -> pd.DataFrame:
+    """One row per seed, from the finished experiments (`dvc exp show`)."""
+    rows = {row.get("Experiment"): row for row in dvc.api.exp_show()}
+    missing = [experiment_name(s) for s in seeds if experiment_name(s) not in rows]
+    if missing:
+        raise RuntimeError(f"no finished experiment {', '.join(missing)}; "
+                           "see `dvc queue logs <name>`")
+    return pd.DataFrame([seed_row(s, rows[experiment_name(s)]) for s in seeds], columns=COLUMNS)
+
+
+@flow(name=FLOW_NAME)
+def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
+               threads: int | None = None) -> pd.DataFrame:
+    """Train the recipe once per seed as DVC experiments; metrics/seeds.csv and the report.
+
+    Args:
+        seeds: train.seed values, default params.yaml's train.seed then 1, 2, 3.
+        jobs: experiments run at a time.
+        threads: torch CPU threads per experiment (OMP_NUM_THREADS); default torch's own.
+    """
+    logger = get_run_logger()
+    params = load_params()
+    own = params.train.seed
+    seeds = list(dict.fromkeys(seeds or [own, *EXTRA_SEEDS]))
+    for seed in seeds:  # validated as params.yaml would be, before anything is queued
+        load_params(overrides={"train.seed": seed})
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"jobs and threads must be at least 1, got {jobs} and {threads}")
+    with workspace_lock("seeds"):
+        for seed in seeds:
+            queue_experiment(seed)
+        run_queue(jobs, threads)
+        frame = collect(seeds)
+        if own in seeds:
+            before = PARAMS_FILE.read_bytes()
+            run_dvc("exp", "apply", experiment_name(own))
+            if yaml.safe_load(PARAMS_FILE.read_bytes()) == yaml.safe_load(before):
+                write_bytes(PARAMS_FILE, before)  # the same values: keep its comments, layout
+        write_text(paths.SEEDS, frame.to_csv(index=False))
+        run_dvc("repro")  # the report stage reads metrics/seeds.csv
+    create_table_artifact(frame.round(4).to_dict("records"), key="fashionnet-seeds",
+                          description="Accuracy per training seed")
+    summary = frame[["train_accuracy", "val_accuracy", "test_accuracy"]].agg(["mean", "std"])
+    logger.info("accuracy over %d seeds (mean, std):\n%s", len(seeds), summary.round(4))
+    return frame
