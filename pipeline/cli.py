@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 STAGE_HELP = {
@@ -102,7 +103,21 @@ def _override(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
+def _other_checkout() -> bool:
+    """Whether the working directory is a FashionNet checkout other than the one this code was
+    imported from."""
+    here = Path.cwd()
+    if not ((here / "pipeline" / "cli.py").is_file() and (here / "fashionnet").is_dir()):
+        return False
+    return here.resolve() != Path(__file__).resolve().parents[1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and _other_checkout():
+        # DVC runs queued experiments in temporary copies of the repository (.dvc/tmp/exps):
+        # a stage must run the copy's code, the code its dvc.lock hashes, not the installed
+        # package's. `python -m` puts the working directory first on sys.path.
+        os.execv(sys.executable, [sys.executable, "-m", "pipeline.cli", *sys.argv[1:]])
     args = build_parser().parse_args(argv)
     from fashionnet.errors import InputError
     from pipeline.params import load_params

@@ -25,6 +25,7 @@ SPLITS = ("train", "val", "test")
 def run_description(info: dict, test_images: int) -> dict[str, str]:
     """What was run and on what, from models/train_info.json."""
     split, cfg = info["params"]["split"], info["params"]["train"]
+    threads = f"{info['cpu_threads']} thread{'' if info['cpu_threads'] == 1 else 's'}"
     return {
         "data": f"Fashion-MNIST, {info['train_images']:,} training / {info['val_images']:,} "
                 f"validation images (split seed {split['seed']}, limit {split['limit']}), "
@@ -32,7 +33,7 @@ def run_description(info: dict, test_images: int) -> dict[str, str]:
         "recipe": f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} "
                   f"weight decay {cfg['weight_decay']} amsgrad {cfg['amsgrad']}, StepLR "
                   f"step {cfg['step_size']} gamma {cfg['gamma']}, seed {cfg['seed']}",
-        "machine": f"{info['device']} ({info['cpu']}, {info['cpu_threads']} threads), "
+        "machine": f"{info['device']} ({info['cpu']}, {threads}), "
                    f"{info['precision']} compute, torch {info['torch']}",
         "training time": f"{info['seconds']:.0f} s, started {info['started']}",
     }

@@ -11,6 +11,8 @@ exp apply`), so dvc.lock and the metrics files record that run, and `dvc repro` 
 report up to date: what is left is to commit. (DVC rewrites params.yaml in its own layout
 for `-S`; when the values are the same, the file's own layout and comments are put back.)
 If a run fails, the flow fails and the workspace and metrics/seeds.csv are left as they were.
+Since `dvc exp apply` overwrites tracked files, the flow refuses to start when tracked files
+have uncommitted changes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ FLOW_NAME = "fashionnet-seeds"
 COLUMNS = ["seed", "experiment", "train_accuracy", "val_accuracy", "test_accuracy",
            "train_seconds", "epochs", "limit", "device", "precision", "threads"]
 EXTRA_SEEDS = (1, 2, 3)  # after params.yaml's train.seed, when no seeds are given
+
+
+class UncommittedChanges(RuntimeError):
+    """Tracked files differ from git HEAD; `dvc exp apply` would overwrite them."""
+
+
+def uncommitted_changes() -> list[str]:
+    """Tracked files with changes, staged or not, that git HEAD does not hold."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                         capture_output=True, text=True, check=True).stdout
+    return [line[3:] for line in out.splitlines()]
 
 
 def experiment_name(seed: int) -> str:
@@ -114,6 +127,12 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
         load_params(overrides={"train.seed": seed})
     if jobs < 1 or (threads is not None and threads < 1):
         raise ValueError(f"jobs and threads must be at least 1, got {jobs} and {threads}")
+    changed = uncommitted_changes() if own in seeds else []
+    if changed:  # refused now, not after hours of training
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5
+                                          else "")
+        raise UncommittedChanges(f"uncommitted changes to {shown}: commit or stash them first "
+                                 "(`dvc exp apply` at the end would overwrite them)")
     with workspace_lock("seeds"):
         for seed in seeds:
             queue_experiment(seed)

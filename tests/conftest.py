@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fashionnet import download
 from fashionnet.data import RAW_FILES, LabeledImages, load_raw
@@ -59,13 +60,23 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-def copy_repo(dest: Path) -> Path:
+def pipeline_results() -> set[str]:
+    """What `dvc repro` writes into git: dvc.lock and the stages' uncached outputs."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+    outs = {next(iter(e)) for spec in stages for key in ("outs", "metrics")
+            for e in spec.get(key, []) if isinstance(e, dict)}
+    return {"dvc.lock", *outs}
+
+
+def copy_repo(dest: Path, results: bool = False) -> Path:
     """A git + DVC checkout of this repository's tracked files at ``dest``, as a user would
-    clone it."""
+    clone it; without the committed pipeline results (dvc.lock, metrics, report) unless
+    ``results``, so that tests start from a repository that has never run."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
                            check=True).stdout.decode().split("\0")
+    skip = set() if results else pipeline_results()
     for name in filter(None, files):
-        if (REPO / name).is_file():
+        if (REPO / name).is_file() and name not in skip:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]

@@ -84,3 +84,16 @@ def test_help_lists_every_stage(repo_copy, cli_env):
     out = run(repo_copy, cli_env, "--help").stdout
     for stage in ("download", "split", "train", "evaluate", "report"):
         assert stage in out
+
+
+def test_runs_the_code_of_the_checkout_it_runs_in(repo_copy, cli_env, tmp_path):
+    """DVC runs queued experiments in temporary copies of the repository; their stages must run
+    the copy's code (what dvc.lock hashes), not the installed package's."""
+    cli = repo_copy / "pipeline" / "cli.py"
+    cli.write_text(cli.read_text().replace('"train FashionNet:', '"MARKER train FashionNet:'))
+    env = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}  # the installed package only
+    assert "MARKER" in run(repo_copy, env, "--help").stdout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run(elsewhere, env, "--help")
+    assert result.returncode == 0 and "MARKER" not in result.stdout

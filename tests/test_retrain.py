@@ -21,6 +21,7 @@ from pipeline.params import load_params
 from pipeline.retrain import (
     DEPLOYMENT,
     FLOW_NAME,
+    LOCK_FILE,
     WorkspaceBusy,
     judge,
     plan,
@@ -257,7 +258,7 @@ def test_serve_runs_the_scheduled_deployment(baseline, prefect_api, tmp_path):
             return api(prefect_api, "GET", f"/flow_runs/{run['id']}")["state"]["type"]
 
         # While it runs, a second retrain in the same workspace ends at once, changing nothing.
-        lock = repo / ".dvc" / "tmp" / "fashionnet-retrain.lock"
+        lock = repo / LOCK_FILE
         wait_for(lambda: state() == "RUNNING" and lock.is_file() and lock.read_text(), 120,
                  "the served run to hold the workspace")
         second = fashionnet(repo, env, "retrain")

@@ -1,0 +1,153 @@
+"""The spread over training seeds: the report's table, metrics/seeds.csv, and `fashionnet seeds`
+running real DVC experiments in a fresh copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from fashionnet import report
+from fashionnet.errors import DataError
+from pipeline import paths
+from pipeline.report import read_seeds
+from pipeline.seeds import COLUMNS
+from tests.conftest import REPO, copy_repo, repo_env, set_params
+
+
+def seeds_frame(**columns: list) -> pd.DataFrame:
+    base = {"seed": [42, 1, 2], "experiment": ["seed-42", "seed-1", "seed-2"],
+            "train_accuracy": [0.95, 0.951, 0.949], "val_accuracy": [0.926, 0.921, 0.93],
+            "test_accuracy": [0.9164, 0.9121, 0.9187], "train_seconds": [700.0, 720.0, 710.0],
+            "epochs": [60] * 3, "limit": [0] * 3, "device": ["cpu"] * 3,
+            "precision": ["bfloat16"] * 3, "threads": [1] * 3}
+    return pd.DataFrame({**base, **columns}, columns=COLUMNS)
+
+
+def test_spread_table_mean_and_sample_std():
+    frame = seeds_frame()
+    table = report.seed_spread_table(frame)
+    assert table["run"].tolist() == ["train.seed 42", "train.seed 1", "train.seed 2",
+                                     "**mean ± std, 3 seeds**", "the seed's single run"]
+    test = frame["test_accuracy"].to_numpy() * 100
+    expected = f"**{test.mean():.2f} ± {np.std(test, ddof=1):.2f}%**"
+    assert table.loc[3, "test"] == expected == "**91.57 ± 0.34%**"
+    assert table.loc[0, "validation"] == "92.60%"
+    assert table.loc[3, "training time"] == "11.8 min"
+    assert table.loc[4, "test"] == "90.30%"
+
+
+def test_spread_section_flags_another_recipe_and_says_when_there_is_none():
+    frame = seeds_frame(epochs=[60, 60, 1], limit=[0, 0, 3000])
+    text = report.seed_spread_markdown(frame, {"epochs": 60, "limit": 0})
+    assert "1 of these runs used another recipe" in text
+    assert "seed 2: epochs 1, limit 3000" in text
+    assert "another recipe" not in report.seed_spread_markdown(seeds_frame(),
+                                                               {"epochs": 60, "limit": 0})
+    assert "`fashionnet seeds`" in report.seed_spread_markdown(None)
+
+
+def test_read_seeds(tmp_path: Path):
+    path = tmp_path / "seeds.csv"
+    assert read_seeds(path) is None  # missing: nothing recorded yet
+    path.write_text(",".join(COLUMNS) + "\n")
+    assert read_seeds(path) is None  # the committed header-only file
+    seeds_frame().to_csv(path, index=False)
+    assert read_seeds(path)["seed"].tolist() == [42, 1, 2]
+    seeds_frame(test_accuracy=[0.9, "n/a", 0.9]).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"seeds\.csv.*test_accuracy"):
+        read_seeds(path)
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataError, match=r"seeds\.csv"):
+        read_seeds(path)
+
+
+def test_committed_seeds_file_has_the_flows_columns():
+    header = (REPO / paths.SEEDS).read_text().splitlines()[0]
+    assert header.split(",") == COLUMNS
+
+
+def test_seeds_cli_refuses_bad_arguments_before_queueing(repo_copy: Path, cli_env):
+    for args, message in ((["--jobs", "0"], "below 1"), (["x"], "invalid int value"),
+                          (["--", "-1"], "train.seed")):
+        result = subprocess.run(["fashionnet", "seeds", *args], cwd=repo_copy, env=cli_env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+    queue = subprocess.run(["dvc", "queue", "status"], cwd=repo_copy, env=cli_env,
+                           capture_output=True, text=True, check=True).stdout
+    assert "No experiment tasks" in queue
+
+
+def run(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_seeds_runs_experiments_records_them_and_applies_the_own_seed(tmp_path, prefect_api,
+                                                                      raw_dir):
+    repo = copy_repo(tmp_path / "repo")
+    env = repo_env(repo, prefect_api, raw_dir)
+    set_params(repo, **{"split.limit": 1200, "split.val_size": 1000, "train.epochs": 1})
+    run(repo, env, "git", "commit", "-qam", "small params")
+    params_before = (repo / "params.yaml").read_bytes()
+
+    result = run(repo, env, "fashionnet", "seeds", "42", "7", "--jobs", "2", "--threads", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    seeds = pd.read_csv(repo / paths.SEEDS)
+    assert seeds["seed"].tolist() == [42, 7]
+    assert seeds["experiment"].tolist() == ["seed-42", "seed-7"]
+    assert (seeds["threads"] == 1).all() and (seeds["epochs"] == 1).all()
+    shown = json.loads(run(repo, env, "dvc", "exp", "show", "--json").stdout)
+    experiments = {e["name"]: e for b in shown for e in (b.get("experiments") or [])}
+    for row in seeds.itertuples():
+        data = experiments[row.experiment]["revs"][0]["data"]
+        metrics = data["metrics"]["metrics/metrics.json"]["data"]["accuracy"]
+        assert row.test_accuracy == metrics["test"] and row.val_accuracy == metrics["val"]
+        assert data["params"]["params.yaml"]["data"]["train"]["seed"] == row.seed
+    # The workspace holds seed 42's run, the report its spread, and DVC has nothing to do.
+    workspace = json.loads((repo / paths.METRICS_JSON).read_text())["accuracy"]
+    assert workspace["test"] == seeds.loc[0, "test_accuracy"]
+    assert (repo / "params.yaml").read_bytes() == params_before
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["seed"] == 42
+    text = (repo / paths.REPORT).read_text()
+    assert "| train.seed 7 |" in text and "mean ± std, 2 seeds" in text
+    assert "Data and pipelines are up to date" in run(repo, env, "dvc", "status").stdout
+
+
+@pytest.mark.slow
+def test_a_failed_seed_run_fails_and_changes_nothing(tmp_path, prefect_api, raw_dir):
+    repo = copy_repo(tmp_path / "repo")
+    env = repo_env(repo, prefect_api, raw_dir)
+    # Valid params that fail at run time on this CPU-only machine, in the train stage.
+    set_params(repo, **{"split.limit": 600, "train.epochs": 1, "train.device": "cuda"})
+    run(repo, env, "git", "commit", "-qam", "cuda on a machine without one")
+    if "cuda" in run(repo, env, "python", "-c", "import torch; print("
+                     "'cuda' if torch.cuda.is_available() else 'cpu')").stdout:
+        pytest.skip("this machine has CUDA: the run would not fail")
+    before = {p: (repo / p).read_bytes() for p in ("params.yaml", str(paths.SEEDS))}
+    result = run(repo, env, "fashionnet", "seeds", "3")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fashionnet seeds: failed" in result.stderr
+    assert {p: (repo / p).read_bytes() for p in before} == before
+    assert not (repo / "dvc.lock").exists() and not (repo / paths.METRICS_JSON).exists()
+
+
+def test_uncommitted_changes_are_refused_before_anything_is_queued(repo_copy, cli_env):
+    readme = repo_copy / "README.md"
+    readme.write_text(readme.read_text() + "\nwork in progress\n")
+    result = run(repo_copy, cli_env, "fashionnet", "seeds")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "uncommitted changes to README.md" in result.stderr
+    assert readme.read_text().endswith("work in progress\n")
+    queue = run(repo_copy, cli_env, "dvc", "exp", "list", "--all-commits").stdout
+    assert "seed-" not in queue
+    assert "No experiment tasks" in run(repo_copy, cli_env, "dvc", "queue", "status").stdout
