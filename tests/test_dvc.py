@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -131,3 +132,28 @@ def test_dvc_repro_end_to_end(repo_copy: Path, cli_env: dict[str, str], raw_dir:
     changes = diff[str(paths.METRICS_JSON)]
     assert changes["accuracy.test"]["old"] == metrics["accuracy"]["test"]
     assert changes["accuracy.test"]["diff"] != 0
+
+
+def test_committed_reproduction_is_the_full_recipe_and_meets_the_seed():
+    """What main records (dvc.lock, metrics/, reports/) is the seed's recipe on the full data,
+    its files are the ones dvc.lock hashes, and test accuracy is at least the seed's 90.30%."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    split = lock["split"]["params"]["params.yaml"]
+    assert (split["split.limit"], split["split.val_size"]) == (0, 6000)
+    train = lock["train"]["params"]["params.yaml"]["train"]
+    assert (train["epochs"], train["amsgrad"], train["step_size"]) == (60, True, 25)
+    # DVC's lock file keeps 1.0e-5 as the string '1e-05'
+    assert [float(train[k]) for k in ("lr", "weight_decay", "gamma")] == [0.003, 1e-5, 0.1]
+    for stage in ("train", "evaluate", "report"):
+        for out in lock[stage]["outs"]:
+            path = REPO / out["path"]
+            if path.suffix in {".csv", ".json", ".md", ".png"} and path.parent.name != "models":
+                assert hashlib.md5(path.read_bytes()).hexdigest() == out["md5"], out["path"]
+    metrics = json.loads((REPO / paths.METRICS_JSON).read_text())
+    assert metrics["accuracy"]["test"] >= 0.9030
+    seeds = pd.read_csv(REPO / paths.SEEDS)
+    assert len(seeds) >= 3 and seeds["seed"].is_unique
+    assert (seeds["epochs"] == 60).all() and (seeds["limit"] == 0).all()
+    own = seeds[seeds["seed"] == train["seed"]]
+    assert own["test_accuracy"].tolist() == [metrics["accuracy"]["test"]]
+    assert f"mean ± std, {len(seeds)} seeds" in (REPO / paths.REPORT).read_text()
