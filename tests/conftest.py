@@ -61,11 +61,14 @@ def prefect_harness() -> Iterator[None]:
 
 
 def pipeline_results() -> set[str]:
-    """What `dvc repro` writes into git: dvc.lock and the stages' uncached outputs."""
+    """What `dvc repro` writes into git: dvc.lock, the stages' uncached outputs, and the
+    .gitignore DVC writes beside each cached one."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
-    outs = {next(iter(e)) for spec in stages for key in ("outs", "metrics")
-            for e in spec.get(key, []) if isinstance(e, dict)}
-    return {"dvc.lock", *outs}
+    outs = [e if isinstance(e, str) else next(iter(e.items()))
+            for spec in stages for key in ("outs", "metrics") for e in spec.get(key, [])]
+    uncached = {out[0] for out in outs if isinstance(out, tuple) and out[1].get("cache") is False}
+    cached = {out if isinstance(out, str) else out[0] for out in outs} - uncached
+    return {"dvc.lock", *uncached, *(str(Path(path).parent / ".gitignore") for path in cached)}
 
 
 def copy_repo(dest: Path, results: bool = False) -> Path:
