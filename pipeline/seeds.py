@@ -8,7 +8,8 @@ stage turns into a mean ± standard deviation table beside the seed's single run
 
 The experiment with params.yaml's own ``train.seed`` is then applied to the workspace (`dvc
 exp apply`), so dvc.lock and the metrics files record that run, and `dvc repro` brings the
-report up to date: what is left is to commit. (DVC rewrites params.yaml in its own layout
+report up to date: what is left is to commit. Without the own seed among ``seeds`` nothing is
+applied and `dvc repro` is left to the user. (DVC rewrites params.yaml in its own layout
 for `-S`; when the values are the same, the file's own layout and comments are put back.)
 If a run fails, the flow fails and the workspace and metrics/seeds.csv are left as they were.
 Since `dvc exp apply` overwrites tracked files, the flow refuses to start when tracked files
@@ -144,7 +145,10 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
             if yaml.safe_load(PARAMS_FILE.read_bytes()) == yaml.safe_load(before):
                 write_bytes(PARAMS_FILE, before)  # the same values: keep its comments, layout
         write_text(paths.SEEDS, frame.to_csv(index=False))
-        run_dvc("repro")  # the report stage reads metrics/seeds.csv
+        if own in seeds:
+            run_dvc("repro")  # only the report is stale: it reads metrics/seeds.csv
+        else:  # the workspace may never have run: `dvc repro` could mean hours of training
+            logger.info("%s written; `dvc repro` rebuilds the report with it", paths.SEEDS)
     create_table_artifact(frame.round(4).to_dict("records"), key="fashionnet-seeds",
                           description="Accuracy per training seed")
     summary = frame[["train_accuracy", "val_accuracy", "test_accuracy"]].agg(["mean", "std"])
