@@ -35,9 +35,10 @@ SEED_PER_CLASS = pd.DataFrame(
 
 
 def read_table(path: str | os.PathLike[str], columns: Sequence[str],
-               text: Sequence[str] = ()) -> pd.DataFrame:
+               text: Sequence[str] = (), allow_empty: bool = False) -> pd.DataFrame:
     """A CSV an earlier stage wrote, refused (DataError naming it) unless it has ``columns``
-    and rows, with finite numbers in every column but those named in ``text``."""
+    and rows (or only its header, with ``allow_empty``), with finite numbers in every column
+    but those named in ``text``."""
     path = Path(path)
     try:
         frame = pd.read_csv(path)
@@ -48,7 +49,7 @@ def read_table(path: str | os.PathLike[str], columns: Sequence[str],
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(path, f"lacks the column(s) {', '.join(missing)}")
-    if frame.empty:
+    if frame.empty and not allow_empty:
         raise DataError(path, "has no rows")
     for column in columns:
         values = frame[column]

@@ -42,14 +42,10 @@ def run_description(info: dict, test_images: int) -> dict[str, str]:
 def read_seeds(path: Path = paths.SEEDS) -> pd.DataFrame | None:
     """metrics/seeds.csv (`fashionnet seeds`): None when it is missing or has no rows yet;
     refused (DataError) when it has rows the report cannot use."""
-    try:
-        if not pd.read_csv(path).shape[0]:
-            return None
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, ValueError, pd.errors.ParserError):
-        pass  # read_table names what is wrong
-    return report.read_table(path, report.SEED_COLUMNS)
+    frame = report.read_table(path, report.SEED_COLUMNS, allow_empty=True)
+    return None if frame.empty else frame
 
 
 @flow(name="report")
