@@ -60,6 +60,13 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+def git(repo: Path, *args: str) -> str:
+    """``git *args`` in ``repo`` with a committer identity of its own (a fresh machine may have
+    none configured); its stdout. A failure raises."""
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost",
+                           *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
 def pipeline_results() -> set[str]:
     """What `dvc repro` writes into git: dvc.lock, the stages' uncached outputs, and the
     .gitignore DVC writes beside each cached one."""
@@ -82,10 +89,9 @@ def copy_repo(dest: Path, results: bool = False) -> Path:
         if (REPO / name).is_file() and name not in skip:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "clone"], cwd=dest, check=True)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "clone")
     return dest
 
 

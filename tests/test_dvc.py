@@ -17,7 +17,7 @@ import yaml
 from fashionnet import FashionNet
 from fashionnet.data import RAW_FILES
 from pipeline import paths
-from tests.conftest import REPO, set_params
+from tests.conftest import REPO, git, set_params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = ("download", "split", "train", "evaluate", "report")
@@ -87,11 +87,6 @@ def dvc(repo: Path, env: dict[str, str], *args: str) -> str:
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
-                   cwd=repo, check=True, capture_output=True)
 
 
 @pytest.mark.slow

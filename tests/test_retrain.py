@@ -28,7 +28,7 @@ from pipeline.retrain import (
     workspace_lock,
     write_overrides,
 )
-from tests.conftest import REPO, copy_repo, repo_env, set_params
+from tests.conftest import REPO, copy_repo, git, repo_env, set_params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 ARTIFACTS = {"fashionnet-retrain-summary", "fashionnet-retrain-per-class",
@@ -117,11 +117,6 @@ def test_prefect_yaml_is_the_served_deployment():
 def fashionnet(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["fashionnet", *args], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=600)
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args],
-                          cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
 def workspace(repo: Path) -> dict[str, str]:

@@ -17,7 +17,7 @@ from fashionnet.errors import DataError
 from pipeline import paths
 from pipeline.report import read_seeds
 from pipeline.seeds import COLUMNS
-from tests.conftest import REPO, copy_repo, repo_env, set_params
+from tests.conftest import REPO, copy_repo, git, repo_env, set_params
 
 
 def seeds_frame(**columns: list) -> pd.DataFrame:
@@ -95,7 +95,7 @@ def test_seeds_runs_experiments_records_them_and_applies_the_own_seed(tmp_path, 
     repo = copy_repo(tmp_path / "repo")
     env = repo_env(repo, prefect_api, raw_dir)
     set_params(repo, **{"split.limit": 1200, "split.val_size": 1000, "train.epochs": 1})
-    run(repo, env, "git", "commit", "-qam", "small params")
+    git(repo, "commit", "-qam", "small params")
     params_before = (repo / "params.yaml").read_bytes()
 
     result = run(repo, env, "fashionnet", "seeds", "42", "7", "--jobs", "2", "--threads", "1")
@@ -129,7 +129,7 @@ def test_a_failed_seed_run_fails_and_changes_nothing(tmp_path, prefect_api, raw_
     env = repo_env(repo, prefect_api, raw_dir)
     # Valid params that fail at run time on this CPU-only machine, in the train stage.
     set_params(repo, **{"split.limit": 600, "train.epochs": 1, "train.device": "cuda"})
-    run(repo, env, "git", "commit", "-qam", "cuda on a machine without one")
+    git(repo, "commit", "-qam", "cuda on a machine without one")
     if "cuda" in run(repo, env, "python", "-c", "import torch; print("
                      "'cuda' if torch.cuda.is_available() else 'cpu')").stdout:
         pytest.skip("this machine has CUDA: the run would not fail")
