@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from fashionnet import download
-from fashionnet.data import RAW_FILES, LabeledImages, load_raw
+from fashionnet.data import LabeledImages
 from fashionnet.evaluate import evaluate
-from fashionnet.model import resolve_precision
+from fashionnet.idx import RAW_FILES, load_raw
+from fashionnet.runtime import resolve_precision
 from fashionnet.train import init_model, train_epoch
 
 REFERENCE_BATCH = 64

@@ -21,10 +21,16 @@ from torch import nn
 
 from fashionnet.errors import DataError
 from fashionnet.files import atomic_path
+from fashionnet.runtime import describe_device
 
 log = logging.getLogger("fashionnet")
 
 FORMAT = 1  # bump when the checkpoint's layout changes: older ones are then ignored
+# The library files a training run executes: fashionnet/train.py and what it imports, less the
+# plumbing (errors.py, files.py) that cannot change a result. The train stage's deps in dvc.yaml
+# are the same files; tests/test_dvc.py checks both against the imports.
+TRAINING_CODE = ("checkpoint.py", "config.py", "data.py", "evaluate.py", "inference.py",
+                 "model.py", "runtime.py", "train.py")
 
 
 def _update(h: Any, obj: object) -> None:
@@ -53,21 +59,18 @@ def digest(obj: object) -> str:
     return h.hexdigest()
 
 
-def describe_device(device: torch.device) -> str:
-    return f"cuda {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
-
-
 def fingerprint(params: Mapping[str, Any], data: Iterable[torch.Tensor],
                 device: torch.device) -> dict[str, str]:
-    """What decides a training run's trajectory: its params, the exact data, this package's
-    code, torch, the device and the CPU thread count (reductions may group differently).
+    """What decides a training run's trajectory: its params, the exact data, the code it runs
+    (:data:`TRAINING_CODE`), torch, the device and the CPU thread count (reductions may group
+    differently).
 
     A checkpoint is resumed only by a run with the same fingerprint, so the resumed run ends
     exactly where an uninterrupted one would.
     """
     code = hashlib.sha256()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        code.update(source.name.encode() + source.read_bytes())
+    for name in TRAINING_CODE:
+        code.update(name.encode() + (Path(__file__).parent / name).read_bytes())
     data_hash = hashlib.sha256()
     for tensor in data:
         _update(data_hash, tensor)

@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from fashionnet.data import CLASSES, LabeledImages, to_input
-from fashionnet.model import FashionNet, InferenceNet, autocast
-from fashionnet.runtime import retain_freed_memory
+from fashionnet.inference import InferenceNet
+from fashionnet.model import FashionNet
+from fashionnet.runtime import autocast, retain_freed_memory
 
 EVAL_BATCH = 256  # images per forward pass: small batches stay in cache (fastest on CPU)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -70,25 +69,6 @@ def _to_channels_last(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous(memory_format=torch.channels_last)
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for ``train.precision``. ``auto`` is bfloat16 where the hardware
-    computes it natively (CUDA with bf16; CPUs with AVX512-BF16, such as those with AMX),
-    which runs the convolutions about twice as fast, and float32 elsewhere, where bfloat16
-    would be emulated and slower."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if native else torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.autocast:
-    """Mixed precision when ``dtype`` is bfloat16: convolutions and the linear layer compute
-    in bfloat16, the loss, BatchNorm statistics and optimizer state stay float32."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
-
 
 class FashionNet(nn.Module):
     """Two conv blocks (conv -> BatchNorm -> dropout -> LeakyReLU) and a linear classifier."""
@@ -116,64 +96,3 @@ class FashionNet(nn.Module):
         if x.requires_grad and x.is_contiguous(memory_format=torch.channels_last):
             x.register_hook(_to_channels_last)
         return self.fc(x.flatten(1))  # (B, 10)
-
-
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and bias of one convolution that computes ``bn(conv(x))`` in eval mode:
-    BatchNorm with running statistics is a per-channel affine map, folded into the filters."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
-    bias = (conv.bias - bn.running_mean) * scale + bn.bias
-    return weight.detach(), bias.detach()
-
-
-def _onednn_conv_leaky_relu() -> Callable[..., torch.Tensor] | None:
-    """oneDNN's convolution with a fused LeakyReLU (the kernel inductor emits), if this build
-    of torch has it: it saves a pass over each activation."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._convolution_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-class InferenceNet:
-    """FashionNet's eval-mode forward pass, for evaluation only: BatchNorm folded into the
-    convolutions (eval-mode dropout is the identity), weights cast once to ``dtype``, and on
-    CPU each convolution fused with its LeakyReLU by oneDNN. It computes what
-    ``model.eval()(x)`` does, up to rounding; bfloat16 runs on AMX where the CPU has it.
-
-    A snapshot: build a new one after the model's weights change.
-    """
-
-    def __init__(self, model: FashionNet, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = dtype
-        (w1, b1), (w2, b2) = (fold_batchnorm(model.conv1, model.bn1),
-                              fold_batchnorm(model.conv2, model.bn2))
-        cl = torch.channels_last
-        self.w1, self.b1 = w1.to(dtype).contiguous(memory_format=cl), b1.to(dtype)
-        self.w2, self.b2 = w2.to(dtype).contiguous(memory_format=cl), b2.to(dtype)
-        fc = model.fc.weight.detach().to(dtype)
-        self.fc_nchw, self.fc_bias = fc, model.fc.bias.detach().to(dtype)
-        # The classifier's weight in (H, W, C) order, for channels_last activations, which
-        # then flatten without a copy.
-        self.fc_nhwc = fc.view(NUM_CLASSES, 64, 14, 14).permute(0, 2, 3, 1).reshape(
-            NUM_CLASSES, -1).contiguous()
-        self._fused = _onednn_conv_leaky_relu() if self.w1.device.type == "cpu" else None
-
-    def _conv_leaky_relu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         stride: int) -> torch.Tensor:
-        if self._fused is not None:
-            return self._fused(x, weight, bias, [1, 1], [stride, stride], [1, 1], 1,
-                               "leaky_relu", [0.1], "")
-        return F.leaky_relu(F.conv2d(x, weight, bias, stride, 1), 0.1, inplace=True)
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 28, 28) float in [0, 1] -> (B, 10) logits in ``dtype``."""
-        x = self._conv_leaky_relu(x.to(self.dtype), self.w1, self.b1, 1)
-        x = self._conv_leaky_relu(x, self.w2, self.b2, 2)  # (B, 64, 14, 14)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1).flatten(1), self.fc_nhwc, self.fc_bias)
-        return F.linear(x.flatten(1), self.fc_nchw, self.fc_bias)

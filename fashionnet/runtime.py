@@ -1,8 +1,48 @@
-"""Process-level settings that make CPU training and evaluation faster without changing results."""
+"""Where and how the library computes: the device, the precision policy, process settings."""
 
 from __future__ import annotations
 
 import ctypes
+
+import torch
+
+from fashionnet.errors import ConfigError
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "'cuda' asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu``, or ``cuda <GPU name>``: what a run states about where it ran."""
+    return f"cuda {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for ``train.precision``. ``auto`` is bfloat16 where the hardware
+    computes it natively (CUDA with bf16; CPUs with AVX512-BF16, such as those with AMX),
+    which runs the convolutions about twice as fast, and float32 elsewhere, where bfloat16
+    would be emulated and slower."""
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.autocast:
+    """Mixed precision when ``dtype`` is bfloat16: convolutions and the linear layer compute
+    in bfloat16, the loss, BatchNorm statistics and optimizer state stay float32."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 

@@ -10,32 +10,21 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from fashionnet.checkpoint import fingerprint, resumable, save_checkpoint
+from fashionnet.config import Number, Seed
 from fashionnet.data import LabeledImages, to_input
-from fashionnet.errors import ConfigError
 from fashionnet.evaluate import evaluate
-from fashionnet.model import FashionNet, autocast, resolve_precision
-from fashionnet.runtime import retain_freed_memory
+from fashionnet.model import FashionNet
+from fashionnet.runtime import autocast, resolve_device, resolve_precision, retain_freed_memory
 
 log = logging.getLogger("fashionnet")
-
-
-def _not_bool(value: object) -> object:
-    if isinstance(value, bool):  # pydantic would take YAML's true as 1.0
-        raise ValueError(f"expected a number, got {value!r}")
-    return value
-
-
-# A finite float; YAML integers (1) and exponents without a dot ('3e-3', a string) are accepted.
-Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
-Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]  # what NumPy and scikit-learn accept
 
 
 class TrainConfig(BaseModel):
@@ -52,7 +41,7 @@ class TrainConfig(BaseModel):
     gamma: Number = Field(0.1, gt=0, le=1)
     seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # see model.resolve_precision
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # see runtime.resolve_precision
 
 
 @dataclass(frozen=True)
@@ -67,15 +56,6 @@ class EpochStats:
     val_accuracy: float
     lr: float
     seconds: float
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", "'cuda' asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def init_model(seed: int) -> FashionNet:

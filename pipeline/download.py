@@ -9,8 +9,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fashionnet import download
-from fashionnet.data import RAW_FILES
 from fashionnet.errors import ConfigError, DataError
+from fashionnet.idx import RAW_FILES
 from pipeline import paths
 from pipeline.params import DownloadConfig, Params
 

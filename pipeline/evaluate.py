@@ -11,15 +11,12 @@ from prefect.cache_policies import NO_CACHE
 
 from fashionnet import FashionNet
 from fashionnet.checkpoint import load_weights
-from fashionnet.data import LabeledImages, load_split
+from fashionnet.data import SPLITS, LabeledImages, load_split
 from fashionnet.evaluate import SplitResult, evaluate, per_class_report
 from fashionnet.files import write_text
-from fashionnet.model import resolve_precision
-from fashionnet.train import resolve_device
+from fashionnet.runtime import resolve_device, resolve_precision
 from pipeline import paths
 from pipeline.params import Params
-
-SPLITS = ("train", "val", "test")
 
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate-{name}")

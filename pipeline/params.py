@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fashionnet.data import SplitConfig
 from fashionnet.errors import ConfigError
+from fashionnet.split import SplitConfig
 from fashionnet.train import TrainConfig
 
 PARAMS_FILE = Path("params.yaml")

@@ -5,9 +5,11 @@ tests/test_dvc.py checks that dvc.yaml declares exactly these paths.
 
 from pathlib import Path
 
+from fashionnet.data import SPLITS
+
 RAW_DIR = Path("data/raw")
 PREPARED_DIR = Path("data/prepared")
-PREPARED = {name: PREPARED_DIR / f"{name}.npz" for name in ("train", "val", "test")}
+PREPARED = {name: PREPARED_DIR / f"{name}.npz" for name in SPLITS}
 
 MODEL = Path("models/fashionnet.pt")
 TRAIN_INFO = Path("models/train_info.json")

@@ -11,15 +11,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from fashionnet import report
-from fashionnet.data import CLASSES
+from fashionnet.data import CLASSES, HISTORY_COLUMNS, SPLITS
 from fashionnet.errors import DataError
 from fashionnet.files import write_text
 from pipeline import paths
 from pipeline.params import Params
-
-# What the report reads (the contract's formats); written by the train and evaluate stages.
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
-SPLITS = ("train", "val", "test")
 
 
 def run_description(info: dict, test_images: int) -> dict[str, str]:
@@ -51,7 +47,7 @@ def read_seeds(path: Path = paths.SEEDS) -> pd.DataFrame | None:
 @flow(name="report")
 def report_flow(params: Params) -> Path:
     """The accuracy and per-class tables beside the seed's, learning curves, confusion matrix."""
-    history = report.read_table(paths.HISTORY, HISTORY_COLUMNS)
+    history = report.read_table(paths.HISTORY, list(HISTORY_COLUMNS))
     accuracy = report.read_table(paths.ACCURACY, ["split", "accuracy", "loss"], text=["split"])
     if sorted(accuracy["split"]) != sorted(SPLITS):
         raise DataError(paths.ACCURACY, f"rows must be {', '.join(SPLITS)}, got "

@@ -31,8 +31,8 @@ from prefect.cache_policies import NO_CACHE
 
 from fashionnet.files import write_bytes, write_text
 from pipeline import paths
+from pipeline.dvc import run_dvc, workspace_lock
 from pipeline.params import PARAMS_FILE, load_params
-from pipeline.retrain import run_dvc, workspace_lock
 
 FLOW_NAME = "fashionnet-seeds"
 COLUMNS = ["seed", "experiment", "train_accuracy", "val_accuracy", "test_accuracy",

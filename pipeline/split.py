@@ -6,8 +6,10 @@ import numpy as np
 from prefect import flow, get_run_logger
 
 from fashionnet import download
-from fashionnet.data import RAW_FILES, load_raw, save_split, stratified_split
+from fashionnet.data import save_split
 from fashionnet.errors import DataError
+from fashionnet.idx import RAW_FILES, load_raw
+from fashionnet.split import stratified_split
 from pipeline import paths
 from pipeline.params import Params
 

@@ -13,14 +13,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from fashionnet import FashionNet
-from fashionnet.data import LabeledImages, load_split
+from fashionnet.data import HISTORY_COLUMNS, LabeledImages, load_split
 from fashionnet.files import atomic_path, write_text
-from fashionnet.model import resolve_precision
-from fashionnet.train import EpochStats, TrainConfig, init_model, resolve_device, train
+from fashionnet.runtime import describe_device, resolve_device, resolve_precision
+from fashionnet.train import EpochStats, TrainConfig, init_model, train
 from pipeline import paths
 from pipeline.params import Params
-
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]
 
 
 @task(cache_policy=NO_CACHE)
@@ -41,11 +39,11 @@ def train_flow(params: Params) -> list[EpochStats]:
     with atomic_path(paths.MODEL) as tmp:
         torch.save(model.cpu().state_dict(), tmp)
     frame = pd.DataFrame([vars(s) for s in history])
-    write_text(paths.HISTORY, frame[HISTORY_COLUMNS].to_csv(index=False))
+    write_text(paths.HISTORY, frame[list(HISTORY_COLUMNS)].to_csv(index=False))
     info = {  # what the report states about the run
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(sum(s.seconds for s in history), 1),
-        "device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": describe_device(device),
         "precision": str(resolve_precision(cfg.precision, device)).removeprefix("torch."),
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from fashionnet import download
-from fashionnet.data import RAW_FILES, LabeledImages, load_raw
+from fashionnet.data import LabeledImages
+from fashionnet.idx import RAW_FILES, load_raw
 from pipeline.prefect_server import prefect_server
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,10 @@ from torch.nn import functional as F
 
 from fashionnet import FashionNet
 from fashionnet.checkpoint import load_weights, read_checkpoint, save_checkpoint
-from fashionnet.data import LabeledImages, SplitConfig, stratified_split
+from fashionnet.data import LabeledImages
 from fashionnet.errors import DataError
-from fashionnet.model import resolve_precision
+from fashionnet.runtime import resolve_precision
+from fashionnet.split import SplitConfig, stratified_split
 from fashionnet.train import EpochStats, TrainConfig, init_model, train
 
 CFG = TrainConfig(epochs=2, batch_size=15, step_size=1, device="cpu")  # 4 steps per epoch

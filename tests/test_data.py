@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fashionnet.data import (
-    SplitConfig,
-    load_idx_pair,
-    load_split,
-    read_images,
-    read_labels,
-    save_split,
-    stratified_split,
-    to_input,
-)
+from fashionnet.data import load_split, save_split, to_input
 from fashionnet.errors import ConfigError, DataError
+from fashionnet.idx import load_idx_pair, read_images, read_labels
+from fashionnet.split import SplitConfig, stratified_split
 
 
 def idx(magic_dims: int, dims: tuple[int, ...], payload: bytes, type_code: int = 8) -> bytes:

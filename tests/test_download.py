@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fashionnet import download
-from fashionnet.data import RAW_FILES
 from fashionnet.errors import DataError
+from fashionnet.idx import RAW_FILES
 from pipeline import download as stage
 from pipeline import paths
 from pipeline.params import DownloadConfig, Params

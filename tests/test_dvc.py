@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from fashionnet import FashionNet
-from fashionnet.data import RAW_FILES
+from fashionnet.idx import RAW_FILES
 from pipeline import paths
 from tests.conftest import REPO, git, set_params
 
@@ -152,3 +152,11 @@ def test_committed_reproduction_is_the_full_recipe_and_meets_the_seed():
     own = seeds[seeds["seed"] == train["seed"]]
     assert own["test_accuracy"].tolist() == [metrics["accuracy"]["test"]]
     assert f"mean ± std, {len(seeds)} seeds" in (REPO / paths.REPORT).read_text()
+
+
+def test_checkpoint_fingerprint_hashes_the_train_stage_code():
+    """A checkpoint is thrown away exactly when the code training runs changes."""
+    from fashionnet.checkpoint import TRAINING_CODE
+
+    library = {d for d in DVC["stages"]["train"]["deps"] if d.startswith("fashionnet/")}
+    assert {f"fashionnet/{name}" for name in TRAINING_CODE} == library

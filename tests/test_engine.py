@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from fashionnet import FashionNet
 from fashionnet import evaluate as evaluate_module
 from fashionnet import model as model_module
+from fashionnet import runtime as runtime_module
 from fashionnet.data import to_input
 from fashionnet.train import TrainConfig, init_model, train, train_epoch
 from tests.conftest import REPO
@@ -142,11 +143,11 @@ def test_bfloat16_mixed_precision_trains_and_evaluates(official):
 
 def test_precision_choice(monkeypatch):
     cpu = torch.device("cpu")
-    assert model_module.resolve_precision("float32", cpu) == torch.float32
-    assert model_module.resolve_precision("bfloat16", cpu) == torch.bfloat16
+    assert runtime_module.resolve_precision("float32", cpu) == torch.float32
+    assert runtime_module.resolve_precision("bfloat16", cpu) == torch.bfloat16
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
-        assert model_module.resolve_precision("auto", cpu) == expected
+        assert runtime_module.resolve_precision("auto", cpu) == expected
 
 
 def test_benchmark_smoke(raw_dir):

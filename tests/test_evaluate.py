@@ -7,10 +7,10 @@ from sklearn.metrics import precision_recall_fscore_support
 from torch.nn import functional as F
 
 from fashionnet import CLASSES, FashionNet
-from fashionnet import model as model_module
+from fashionnet import inference as inference_module
 from fashionnet.data import LabeledImages, to_input
 from fashionnet.evaluate import evaluate, per_class_report
-from fashionnet.model import InferenceNet
+from fashionnet.inference import InferenceNet
 from fashionnet.train import train_epoch
 
 
@@ -64,8 +64,8 @@ def trained(official):
 def test_inference_net_computes_the_eval_forward_pass(official, trained, monkeypatch, fused,
                                                       layout):
     if not fused:  # the path a GPU (or a torch without oneDNN) takes
-        monkeypatch.setattr(model_module, "_onednn_conv_leaky_relu", lambda: None)
-    elif model_module._onednn_conv_leaky_relu() is None:
+        monkeypatch.setattr(inference_module, "_onednn_conv_leaky_relu", lambda: None)
+    elif inference_module._onednn_conv_leaky_relu() is None:
         pytest.skip("this torch has no oneDNN convolution with fused LeakyReLU")
     model = FashionNet()
     model.load_state_dict(trained.state_dict())

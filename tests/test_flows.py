@@ -14,14 +14,16 @@ import torch
 from sklearn.metrics import accuracy_score, classification_report
 
 from fashionnet import CLASSES, FashionNet
-from fashionnet.data import TEST_LABELS, SplitConfig, read_labels
+from fashionnet.data import HISTORY_COLUMNS
+from fashionnet.idx import TEST_LABELS, read_labels
+from fashionnet.split import SplitConfig
 from fashionnet.train import TrainConfig
 from pipeline import paths
 from pipeline.evaluate import evaluate_flow
 from pipeline.params import Params
 from pipeline.report import report_flow
 from pipeline.split import split_flow
-from pipeline.train import HISTORY_COLUMNS, train_flow
+from pipeline.train import train_flow
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import torch
 
 from fashionnet import FashionNet
 from fashionnet.checkpoint import read_checkpoint
-from fashionnet.data import SplitConfig, save_split, stratified_split
+from fashionnet.data import save_split
+from fashionnet.split import SplitConfig, stratified_split
 from pipeline import paths
 from tests.conftest import REPO, set_params
 from tests.train_child import CFG

@@ -17,17 +17,9 @@ import yaml
 
 from fashionnet.errors import ConfigError
 from pipeline import paths
+from pipeline.dvc import LOCK_FILE, WorkspaceBusy, workspace_lock
 from pipeline.params import load_params
-from pipeline.retrain import (
-    DEPLOYMENT,
-    FLOW_NAME,
-    LOCK_FILE,
-    WorkspaceBusy,
-    judge,
-    plan,
-    workspace_lock,
-    write_overrides,
-)
+from pipeline.retrain import DEPLOYMENT, FLOW_NAME, judge, plan, write_overrides
 from tests.conftest import REPO, copy_repo, git, repo_env, set_params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
