@@ -23,7 +23,7 @@ class WorkspaceBusy(RuntimeError):
 @contextmanager
 def workspace_lock(command: str = "retrain") -> Iterator[None]:
     """Hold the workspace for one run of ``fashionnet <command>`` (retrain, seeds); a second
-    one fails at once instead of interleaving its stages, params and restore with the first.
+    one fails at once instead of promoting onto the commit the first is moving.
     The OS drops the lock if the holder dies."""
     LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
     with open(LOCK_FILE, "a+") as f:
@@ -44,9 +44,78 @@ def workspace_lock(command: str = "retrain") -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def git(*args: str, stdin: str | None = None) -> str:
-    return subprocess.run(["git", *args], input=stdin, capture_output=True, text=True,
-                          check=True).stdout
+def git(*args: str, stdin: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """``git *args``' stdout; a failure raises with git's own message."""
+    proc = subprocess.run(["git", *args], input=stdin, capture_output=True, text=True,
+                          env={**os.environ, **env} if env else None)
+    if proc.returncode:
+        raise RuntimeError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def uncommitted_changes() -> list[str]:
+    """Tracked files with changes, staged or not, that git HEAD does not hold."""
+    out = git("status", "--porcelain", "--untracked-files=no")
+    return [line[3:] for line in out.splitlines()]
+
+
+def describe_changes(paths: list[str]) -> str:
+    """At most five of ``paths``, for a one-line message."""
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def local_experiments() -> set[str]:
+    """The names of the experiments on the current git commit."""
+    out = subprocess.run(["dvc", "exp", "list", "--name-only"], capture_output=True, text=True,
+                         check=True, env=tools_env()).stdout
+    return set(out.split())
+
+
+def experiment_ref(baseline: str, name: str) -> str:
+    """The git ref DVC keeps experiment ``name`` run on ``baseline`` under (refs/exps/...)."""
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    return str(ExpRefInfo(baseline_sha=baseline, name=name))
+
+
+def show(rev: str, path: str | Path) -> str | None:
+    """The text of ``path`` as committed at ``rev``; None where that commit has no such file."""
+    proc = subprocess.run(["git", "show", f"{rev}:{Path(path).as_posix()}"],
+                          capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_remote() -> str | None:
+    """The git remote the current branch tracks, else ``origin`` if there is one."""
+    branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
+    proc = subprocess.run(["git", "config", f"branch.{branch}.remote"], capture_output=True,
+                          text=True)
+    remotes = git("remote").split()
+    tracked = proc.stdout.strip()
+    return tracked if tracked in remotes else "origin" if "origin" in remotes else None
+
+
+def default_dvc_remote() -> str | None:
+    """The DVC remote `dvc push` uses by default (core.remote); None without one."""
+    proc = subprocess.run(["dvc", "remote", "default"], capture_output=True, text=True,
+                          env=tools_env())
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def remote_ref(remote: str, ref: str) -> str | None:
+    """The commit ``ref`` names on git remote ``remote`` now; None where it has no such ref."""
+    out = git("ls-remote", remote, ref).split()
+    return out[0] if out else None
+
+
+def committer_env() -> dict[str, str]:
+    """A committer identity for commits a flow makes where git has none configured (a fresh
+    worker); empty where it has one, so a user's own identity signs the commit."""
+    if subprocess.run(["git", "var", "GIT_COMMITTER_IDENT"], capture_output=True).returncode == 0:
+        return {}
+    who = {"NAME": "fashionnet-retrain", "EMAIL": "fashionnet-retrain@localhost"}
+    return {f"GIT_{role}_{key}": value for role in ("AUTHOR", "COMMITTER")
+            for key, value in who.items()}
 
 
 
@@ -69,14 +138,19 @@ def run_dvc(*args: str, env: Mapping[str, str] | None = None) -> None:
         raise RuntimeError(f"dvc {' '.join(args)} exited with status {proc.returncode}")
 
 
+def tools_env() -> dict[str, str]:
+    """This environment's tools first on PATH (`dvc`, and `fashionnet` for the stage cmds), as
+    a worker started without the virtual environment activated would not have them."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def _child_env() -> dict[str, str]:
-    """This environment's tools first on PATH (`dvc`, and `fashionnet` for the stage cmds); the
-    stages' own flow runs report to the API this run uses, ephemeral or not."""
+    """tools_env(), and the stages' own flow runs report to the API this run uses, ephemeral
+    or not."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url)
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PREFECT_API_URL": api_url}
+    return {**tools_env(), "PREFECT_API_URL": api_url}
 

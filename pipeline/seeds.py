@@ -19,7 +19,6 @@ have uncommitted changes.
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
 import dvc.api
@@ -31,7 +30,13 @@ from prefect.cache_policies import NO_CACHE
 
 from fashionnet.files import write_bytes, write_text
 from pipeline import paths
-from pipeline.dvc import run_dvc, workspace_lock
+from pipeline.dvc import (
+    describe_changes,
+    local_experiments,
+    run_dvc,
+    uncommitted_changes,
+    workspace_lock,
+)
 from pipeline.params import PARAMS_FILE, load_params
 
 FLOW_NAME = "fashionnet-seeds"
@@ -44,22 +49,8 @@ class UncommittedChanges(RuntimeError):
     """Tracked files differ from git HEAD; `dvc exp apply` would overwrite them."""
 
 
-def uncommitted_changes() -> list[str]:
-    """Tracked files with changes, staged or not, that git HEAD does not hold."""
-    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                         capture_output=True, text=True, check=True).stdout
-    return [line[3:] for line in out.splitlines()]
-
-
 def experiment_name(seed: int) -> str:
     return f"seed-{seed}"
-
-
-def _experiments() -> set[str]:
-    """The names of the experiments on the current git commit."""
-    out = subprocess.run(["dvc", "exp", "list", "--name-only"], capture_output=True, text=True,
-                         check=True).stdout
-    return set(out.split())
 
 
 @task(cache_policy=NO_CACHE, task_run_name="queue-seed-{seed}")
@@ -67,7 +58,7 @@ def queue_experiment(seed: int) -> str:
     """Queue the recipe with ``train.seed`` = ``seed``; a finished experiment of the same name
     on this commit is replaced."""
     name = experiment_name(seed)
-    if name in _experiments():
+    if name in local_experiments():
         run_dvc("exp", "remove", name)
     run_dvc("exp", "run", "--queue", "-S", f"train.seed={seed}", "-n", name)
     return name
@@ -130,9 +121,8 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
         raise ValueError(f"jobs and threads must be at least 1, got {jobs} and {threads}")
     changed = uncommitted_changes() if own in seeds else []
     if changed:  # refused now, not after hours of training
-        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5
-                                          else "")
-        raise UncommittedChanges(f"uncommitted changes to {shown}: commit or stash them first "
+        raise UncommittedChanges(f"uncommitted changes to {describe_changes(changed)}: commit "
+                                 "or stash them first "
                                  "(`dvc exp apply` at the end would overwrite them)")
     with workspace_lock("seeds"):
         for seed in seeds:
