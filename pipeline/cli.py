@@ -22,8 +22,10 @@ STAGE_HELP = {
     "evaluate": "accuracy/loss on train, val and test; per-class report; predictions",
     "report": "reports/report.md and its figures",
 }
-RETRAIN_HELP = "the retraining flow, once: rebuild what is stale with DVC, compare, gate"
-SERVE_HELP = "serve the fashionnet-retrain/scheduled deployment on schedule.cron until stopped"
+RETRAIN_HELP = ("the retraining flow, once: a DVC experiment, gated on validation accuracy; a "
+                "promoted run is committed (and pushed where remotes are configured)")
+SERVE_HELP = ("serve the fashionnet-retrain/scheduled deployment in this workspace on "
+              "schedule.cron until stopped")
 SEEDS_HELP = ("the recipe once per training seed, as DVC experiments: metrics/seeds.csv, the "
               "report's spread over seeds, and the own train.seed's run applied to the workspace")
 
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("-S", "--set-param", dest="set_params", action="append", default=[],
                          type=_override, metavar="KEY=VALUE",
                          help="set a params.yaml key for this run, as dvc exp run -S does")
+    retrain.add_argument("--name", help="the experiment's name (default: "
+                         "retrain-<UTC date>-<HHMM>-manual)")
     sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
     seeds = sub.add_parser("seeds", help=SEEDS_HELP, description=SEEDS_HELP)
     seeds.add_argument("seeds", nargs="*", type=int, metavar="SEED",
@@ -128,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "retrain":
             from pipeline.retrain import retrain_flow
 
-            retrain_flow(force=args.force, seed=args.seed, set_params=dict(args.set_params))
+            retrain_flow(force=args.force, seed=args.seed, set_params=dict(args.set_params),
+                         name=args.name)
         elif args.command == "seeds":
             from pipeline.seeds import seeds_flow
 

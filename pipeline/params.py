@@ -60,9 +60,11 @@ class RetrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # A fraction: 0.005 = half a percentage point of test accuracy below the last committed
-    # metrics; a retrain that falls further is refused and the previous model stays.
+    # Fractions of validation accuracy against the model committed at HEAD: 0.005 = half a
+    # percentage point. A retrain that falls further, or (min_improvement > 0) gains less, is
+    # refused and the committed model stays. The test set never decides.
     max_accuracy_drop: float = Field(0.005, ge=0, le=1)
+    min_improvement: float = Field(0.0, ge=0, le=1)
 
 
 class Params(BaseModel):
