@@ -78,6 +78,15 @@ def experiment_ref(baseline: str, name: str) -> str:
     return str(ExpRefInfo(baseline_sha=baseline, name=name))
 
 
+def unshallow(remote: str | None) -> None:
+    """The whole history from ``remote`` where this clone is shallow (Prefect's git_clone step
+    clones with --depth 1): there `dvc exp run --temp` ends 0 having made no experiment."""
+    if git("rev-parse", "--is-shallow-repository").strip() == "true":
+        if remote is None:
+            raise RuntimeError("this clone is shallow and has no git remote to deepen it from")
+        git("fetch", "--quiet", "--unshallow", remote)
+
+
 def show(rev: str, path: str | Path) -> str | None:
     """The text of ``path`` as committed at ``rev``; None where that commit has no such file."""
     proc = subprocess.run(["git", "show", f"{rev}:{Path(path).as_posix()}"],

@@ -40,6 +40,7 @@ from pipeline.dvc import (
     run_dvc,
     show,
     uncommitted_changes,
+    unshallow,
     workspace_lock,
 )
 from pipeline.params import Params, load_params
@@ -118,7 +119,10 @@ def run_experiment(name: str, args: list[str], force: bool) -> Experiment:
     baseline = git("rev-parse", "HEAD").strip()
     forced = ["--force", "--downstream", RETRAIN_FROM] if force else []
     run_dvc("exp", "run", "--temp", "--name", name, *forced, *args)
-    return Experiment(name, git("rev-parse", experiment_ref(baseline, name)).strip(), baseline)
+    ref = experiment_ref(baseline, name)
+    if not git("for-each-ref", "--format=%(objectname)", ref).strip():
+        raise RuntimeError(f"`dvc exp run` ended without making experiment {name} ({ref})")
+    return Experiment(name, git("rev-parse", ref).strip(), baseline)
 
 
 @task(cache_policy=NO_CACHE)
@@ -296,6 +300,7 @@ def retrain_flow(force: bool = False, seed: int | None = None,
         if branch == "HEAD":
             raise RuntimeError("HEAD is detached: check out the branch a promotion commits to")
         remote, storage = git_remote(), default_dvc_remote()
+        unshallow(remote)
         if storage:
             fetch_data()
         name = name or experiment_name(*_started(), local_experiments())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -386,10 +387,9 @@ def test_the_scheduled_deployment_runs_on_a_process_worker(remotes, tmp_path, pr
         started = subprocess.run(["prefect", "deployment", "run", f"{FLOW_NAME}/{DEPLOYMENT}",
                                   "--param", "force=true"], cwd=repo, env=env,
                                  capture_output=True, text=True, check=True)
-        (run,) = api(prefect_api, "POST", "/flow_runs/filter", {
-            "deployments": {"id": {"any_": [deployment["id"]]}},
-            "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}}})
-        assert run["id"] in started.stdout
+        (run_id,) = re.findall(r"UUID: ([0-9a-f-]{36})", started.stdout)
+        run = api(prefect_api, "GET", f"/flow_runs/{run_id}")
+        assert run["deployment_id"] == deployment["id"]
 
         def state() -> str:
             return api(prefect_api, "GET", f"/flow_runs/{run['id']}")["state"]["type"]
@@ -449,7 +449,6 @@ def test_serve_runs_the_deployment_in_this_workspace(remotes, tmp_path, prefect_
         summary = artifacts(prefect_api, run["id"])["fashionnet-retrain-summary"]["data"]
         assert "nothing changed: HEAD's model stands" in summary
         assert workspace(repo) == before
-        api(prefect_api, "DELETE", f"/deployments/{served['id']}")
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -459,3 +458,4 @@ def test_serve_runs_the_deployment_in_this_workspace(remotes, tmp_path, prefect_
             raise
     assert code == 0, log.read_text()
     assert "Traceback" not in log.read_text()
+    api(prefect_api, "DELETE", f"/deployments/{served['id']}")  # after serve paused it
