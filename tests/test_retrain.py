@@ -159,7 +159,11 @@ def workspace(repo: Path) -> dict[str, str]:
 
 
 def api(prefect_api: str, method: str, path: str, body: object = None) -> object:
-    response = httpx.request(method, f"{prefect_api}{path}", json=body, timeout=30)
+    for attempt in range(5):  # 503: a retryable server error (SQLite busy), as Prefect's client
+        response = httpx.request(method, f"{prefect_api}{path}", json=body, timeout=30)
+        if response.status_code != 503:
+            break
+        time.sleep(2 ** attempt)
     response.raise_for_status()
     return response.json() if response.content else None
 
