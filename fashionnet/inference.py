@@ -1,15 +1,23 @@
-"""The fast evaluation engine: FashionNet's eval-mode forward pass with BatchNorm folded."""
+"""The fast evaluation engine: FashionNet's eval-mode forward pass with BatchNorm folded, and
+the batch loop that runs it over many images (shared by evaluation and prediction)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fashionnet.data import NUM_CLASSES
+from fashionnet.data import NUM_CLASSES, to_input
 from fashionnet.model import FashionNet
+from fashionnet.runtime import autocast, retain_freed_memory
+
+EVAL_BATCH = 256  # images per forward pass: small batches stay in cache (fastest on CPU)
+
+T = TypeVar("T")
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,3 +79,46 @@ class InferenceNet:
         if x.is_contiguous(memory_format=torch.channels_last):
             return F.linear(x.permute(0, 2, 3, 1).flatten(1), self.fc_nhwc, self.fc_bias)
         return F.linear(x.flatten(1), self.fc_nchw, self.fc_bias)
+
+
+def map_batches(model: nn.Module, images: torch.Tensor,
+                step: Callable[[torch.Tensor, slice], T], device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, batch_size: int = EVAL_BATCH) -> list[T]:
+    """``step(logits, batch)`` for each batch of ``images`` (N, 28, 28) uint8, in order:
+    ``batch`` is the slice of ``images`` it covers, ``logits`` (B, 10) on ``device``.
+
+    The model runs in eval mode (BatchNorm running stats, no dropout) and its training mode is
+    restored afterwards. A FashionNet runs as an :class:`InferenceNet` in ``dtype``; another
+    module runs under autocast when ``dtype`` is bfloat16. ``step`` runs under the same
+    inference mode and autocast as the forward pass.
+
+    On a CPU with several torch threads, batches run side by side, one thread each: a batch's
+    activations then stay in one core's cache, which is about 1.2x the throughput of sharing
+    every convolution between the cores. Each batch is computed the same way either way.
+    """
+    retain_freed_memory()
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    forward = InferenceNet(model, dtype) if isinstance(model, FashionNet) else model
+
+    def one_batch(start: int) -> T:
+        batch = slice(start, start + batch_size)
+        # inference_mode and autocast are per thread: set here, in the thread that runs it.
+        with torch.inference_mode(), autocast(device, dtype):
+            # uint8 crosses to the device, a quarter of the bytes; it is scaled there.
+            return step(forward(to_input(images[batch].to(device))), batch)
+
+    starts = range(0, len(images), batch_size)
+    threads = torch.get_num_threads()
+    try:
+        if device.type == "cpu" and threads > 1 and len(starts) > 1:
+            torch.set_num_threads(1)  # inherited by the workers' threads
+            try:
+                with ThreadPoolExecutor(threads, thread_name_prefix="evaluate") as pool:
+                    return list(pool.map(one_batch, starts))  # in order
+            finally:
+                torch.set_num_threads(threads)
+        return [one_batch(start) for start in starts]
+    finally:
+        model.train(was_training)
