@@ -1,4 +1,5 @@
-"""The ``fashionnet`` command: one subcommand per DVC stage, each run as a Prefect flow.
+"""The ``fashionnet`` command: one subcommand per DVC stage, each run as a Prefect flow, and
+the commands around them (retrain, serve, seeds, predict).
 
 Exit status: 0 on success; 2 on bad input (a data file or params.yaml), with one line on
 stderr naming the file or key; 1 on any other failure.
@@ -26,6 +27,8 @@ RETRAIN_HELP = ("the retraining flow, once: a DVC experiment, gated on validatio
                 "promoted run is committed (and pushed where remotes are configured)")
 SERVE_HELP = ("serve the fashionnet-retrain/scheduled deployment in this workspace on "
               "schedule.cron until stopped")
+PREDICT_HELP = ("classes and probabilities for image files, directories of them, .npz or IDX "
+                "files, from the trained model")
 SEEDS_HELP = ("the recipe once per training seed, as DVC experiments: metrics/seeds.csv, the "
               "report's spread over seeds, and the own train.seed's run applied to the workspace")
 
@@ -81,7 +84,36 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--threads", type=_positive,
                        help="torch CPU threads per experiment (default: torch's own); on a "
                             "2-core CPU, --jobs 2 --threads 1 trains fastest")
+    predict = sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP + ". "
+                             "Photos are converted as Fashion-MNIST's images were made "
+                             "(docs/predict.md); images already 28x28 are taken as they are.")
+    predict.add_argument("paths", nargs="+", metavar="PATH",
+                         help="an image file (anything Pillow reads), a directory (its images, "
+                              ".npz and IDX files, recursively, sorted), an .npz or an IDX file "
+                              "of 28x28 uint8 images")
+    predict.add_argument("--model", default="models/fashionnet.pt", metavar="FILE",
+                         help="a FashionNet state_dict (default: models/fashionnet.pt)")
+    predict.add_argument("--top", type=_top_k, default=3, metavar="K",
+                         help="the K most probable classes per image, 1-10 (default 3)")
+    predict.add_argument("--format", choices=("table", "csv", "json"),
+                         help="default: table on a terminal, csv otherwise")
+    predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                         help="negate images to a light object on a dark background: auto "
+                              "(default) does so when the image's border is light")
+    predict.add_argument("--skip-bad", action="store_true",
+                         help="report unreadable files on stderr and predict the rest")
+    predict.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                         help="default cpu: reading the files, not the model, takes the time")
+    predict.add_argument("--precision", choices=("float32", "bfloat16", "auto"),
+                         default="float32", help="compute dtype (default float32: exact)")
     return parser
+
+
+def _top_k(text: str) -> int:
+    value = _positive(text)
+    if value > 10:
+        raise argparse.ArgumentTypeError(f"{text!r} is above 10, the number of classes")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -124,10 +156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "pipeline.cli", *sys.argv[1:]])
     args = build_parser().parse_args(argv)
     from fashionnet.errors import InputError
-    from pipeline.params import load_params
 
-    _configure_prefect()
+    if args.command != "predict":  # no params.yaml and no Prefect: it runs anywhere, at once
+        _configure_prefect()
     try:
+        if args.command == "predict":
+            from pipeline.predict import run
+
+            run(args.paths, args.model, top=args.top, fmt=args.format, invert=args.invert,
+                skip_bad=args.skip_bad, device=args.device, precision=args.precision)
+            return EXIT_OK
+        from pipeline.params import load_params
+
         params = load_params()
         if args.command == "retrain":
             from pipeline.retrain import retrain_flow
