@@ -1,6 +1,7 @@
-"""FashionNet: a two-layer CNN for Fashion-MNIST, and what trains and evaluates it."""
+"""FashionNet: a two-layer CNN for Fashion-MNIST, and what trains, evaluates and applies it."""
 
 from fashionnet.data import CLASSES
 from fashionnet.model import FashionNet
+from fashionnet.predict import Predictions, predict
 
-__all__ = ["CLASSES", "FashionNet"]
+__all__ = ["CLASSES", "FashionNet", "Predictions", "predict"]
