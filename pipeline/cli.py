@@ -192,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fashionnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`fashionnet predict photos/ | head`): not a failure to report.
+        # stdout now points at /dev/null, so flushing it at exit cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except Exception as e:
         message = " ".join(str(e).split())
         print(f"fashionnet {args.command}: failed: {type(e).__name__}: {message}",
