@@ -186,20 +186,23 @@ def prepare(images: torch.Tensor | np.ndarray | Image.Image | Sequence[Image.Ima
     if isinstance(images, Image.Image):
         images = [images]
     if isinstance(images, torch.Tensor | np.ndarray):
-        array = torch.as_tensor(images).detach().cpu()
-        if array.dim() == 4 and array.shape[1] == 1:
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu()
+            array = (images.float() if images.is_floating_point() else images).numpy()
+        else:
+            array = np.asarray(images)
+        if array.ndim == 4 and array.shape[1] == 1:
             array = array[:, 0]
-        if array.dim() == 2:
+        if array.ndim == 2:
             array = array[None]
-        if array.dim() != 3 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        if array.ndim != 3 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"images must be (N, 28, 28), (28, 28) or (N, 1, 28, 28), got "
-                             f"{tuple(array.shape)}")
-        if array.is_floating_point():
-            array = array.mul(255).round_().clamp_(0, 255)
-        elif array.dtype != torch.uint8:
+                             f"{array.shape}")
+        if np.issubdtype(array.dtype, np.floating):
+            array = np.clip(np.round(array * 255.0), 0, 255).astype(np.uint8)
+        elif array.dtype != np.uint8:
             raise ValueError(f"images must be uint8 or floats in [0, 1], got {array.dtype}")
-        flipped, inverted = _negate(array.to(torch.uint8).numpy(), invert)
-        return Prepared(flipped, inverted)
+        return Prepared(*_negate(array, invert))
     converted = [convert(greyscale(image), invert) for image in images]
     if not converted:
         raise ValueError("no images given")
@@ -214,7 +217,8 @@ def classify(prepared: Prepared, model: nn.Module, device: torch.device | str = 
     """The model's probabilities for prepared images, through the evaluation engine: the same
     batches, kernels and precision as ``fashionnet evaluate``, so the same argmax."""
     device = torch.device(device)
-    images = torch.from_numpy(np.ascontiguousarray(prepared.images))
+    # A writable copy only where needed: torch warns about read-only arrays (np.frombuffer).
+    images = torch.from_numpy(np.require(prepared.images, requirements=["C", "W"]))
 
     def step(logits: torch.Tensor, batch: slice) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()  # softmax in float32 whatever the compute dtype

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -133,12 +134,17 @@ def test_python_api_takes_tensors_arrays_and_pil_images(official, model_file):
     reference = evaluate(model, LabeledImages(images, official[1].labels[:50]))
     assert np.array_equal(by_path.classes, reference.predictions)
     assert by_path.names == [CLASSES[c] for c in reference.predictions]
-    same = [predict(images.numpy(), model), predict(images.float() / 255, model),
-            predict(images.unsqueeze(1), model),
-            predict([Image.fromarray(a) for a in images.numpy()], model)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's about read-only arrays
+        read_only = np.frombuffer(images.numpy().tobytes(), np.uint8).reshape(50, 28, 28)
+        same = [predict(images.numpy(), model), predict(images.float() / 255, model),
+                predict(images.unsqueeze(1), model), predict(read_only, model),
+                predict([Image.fromarray(a) for a in images.numpy()], model)]
+        coarse = predict(images.bfloat16() / 255, model).images  # 8 significant bits
     for other in same:
         assert np.array_equal(other.classes, by_path.classes)
         np.testing.assert_array_equal(other.images, images.numpy())
+    assert np.abs(coarse.astype(int) - images.numpy()).max() <= 1
     one = predict(Image.fromarray(images[3].numpy()), model)
     assert one.classes.tolist() == by_path.classes[3:4].tolist()
     assert predict(images[3], model).classes.tolist() == [by_path.classes[3]]
