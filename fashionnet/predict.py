@@ -31,6 +31,7 @@ from fashionnet.errors import DataError
 from fashionnet.idx import read_images
 from fashionnet.inference import EVAL_BATCH, map_batches
 from fashionnet.model import FashionNet
+from fashionnet.runtime import resolve_precision
 
 Invert = Literal["auto", "yes", "no"]
 INVERT_MODES: tuple[Invert, ...] = ("auto", "yes", "no")
@@ -241,12 +242,14 @@ def load_model(path: str | os.PathLike[str]) -> FashionNet:
 
 def predict(images: torch.Tensor | np.ndarray | Image.Image | Sequence[Image.Image],
             model: nn.Module | str | os.PathLike[str], *, invert: Invert = "auto",
-            device: torch.device | str = "cpu",
-            dtype: torch.dtype = torch.float32) -> Predictions:
+            device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Predictions:
     """Classes and probabilities for ``images`` (see :func:`prepare`) from ``model``, a
-    FashionNet or the path of its state_dict (``models/fashionnet.pt``)."""
+    FashionNet or the path of its state_dict (``models/fashionnet.pt``). ``dtype`` defaults to
+    ``train.precision: auto``'s choice, as ``fashionnet evaluate`` computes."""
+    device = torch.device(device)
     if not isinstance(model, nn.Module):
         model = load_model(model)
+    dtype = dtype or resolve_precision("auto", device)
     return classify(prepare(images, invert), model.to(device), device, dtype)
 
 

@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="report unreadable files on stderr and predict the rest")
     predict.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                          help="default cpu: reading the files, not the model, takes the time")
-    predict.add_argument("--precision", choices=("float32", "bfloat16", "auto"),
-                         default="float32", help="compute dtype (default float32: exact)")
+    predict.add_argument("--precision", choices=("auto", "float32", "bfloat16"),
+                         default="auto", help="compute dtype; auto (default), as "
+                         "train.precision's default and so as fashionnet evaluate's: bfloat16 "
+                         "where the hardware has it natively, else float32")
     return parser
 
 

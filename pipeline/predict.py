@@ -71,7 +71,7 @@ def write_table(table: list[dict[str, Any]], top: int, out: TextIO) -> None:
 
 def run(paths: Sequence[str], model: str | os.PathLike[str], top: int = 3,
         fmt: str | None = None, invert: Invert = "auto", skip_bad: bool = False,
-        device: str = "cpu", precision: str = "float32", out: TextIO | None = None,
+        device: str = "cpu", precision: str = "auto", out: TextIO | None = None,
         err: TextIO | None = None) -> None:
     """Predict the images under ``paths`` and write one row per image to ``out``: a table on
     a terminal, CSV otherwise, unless ``fmt`` says. Bad input raises InputError; with
