@@ -7,13 +7,14 @@ DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: setup data repro test lint clean-venv
 
-## setup: the virtual environment with the project and its tools (pip, editable install)
+## setup: the virtual environment with the project and its tools (pip, editable install),
+## with the S3 extra and the S3 server the tests use
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,s3]'
 	touch $@
 
 ## data: Debian's copy of Fashion-MNIST where apt can install it; elsewhere the download

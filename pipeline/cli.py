@@ -31,6 +31,11 @@ PREDICT_HELP = ("classes and probabilities for image files, directories of them,
                 "files, from the trained model")
 SEEDS_HELP = ("the recipe once per training seed, as DVC experiments: metrics/seeds.csv, the "
               "report's spread over seeds, and the own train.seed's run applied to the workspace")
+SWEEP_HELP = ("a grid of params as DVC experiments, on this machine or on the workers of a "
+              "Prefect work pool: metrics/sweep.csv")
+POOL_HELP = ("run the experiments on the workers of this Prefect work pool (PREFECT_API_URL), "
+             "shared through the git remote origin and the DVC remote (docs/distributed.md); "
+             "default: DVC's local queue")
 
 
 class _DropInputErrorTracebacks(logging.Filter):
@@ -84,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--threads", type=_positive,
                        help="torch CPU threads per experiment (default: torch's own); on a "
                             "2-core CPU, --jobs 2 --threads 1 trains fastest")
+    seeds.add_argument("--pool", help=POOL_HELP)
+    sweep = sub.add_parser("sweep", help=SWEEP_HELP, description=SWEEP_HELP)
+    sweep.add_argument("-S", "--set-param", dest="grid", action="append", default=[],
+                       required=True, metavar="KEY=V1,V2,...",
+                       help="a params.yaml key and its values; every combination runs")
+    sweep.add_argument("--pool", help=POOL_HELP)
+    sweep.add_argument("-j", "--jobs", type=_positive, default=1,
+                       help="experiments run at a time by the local queue (default 1)")
     predict = sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP + ". "
                              "Photos are converted as Fashion-MNIST's images were made "
                              "(docs/predict.md); images already 28x28 are taken as they are.")
@@ -150,6 +163,16 @@ def _other_checkout() -> bool:
     return here.resolve() != Path(__file__).resolve().parents[1]
 
 
+def _needs_server(args: argparse.Namespace) -> None:
+    """--pool needs the Prefect server the pool's workers poll."""
+    from fashionnet.errors import ConfigError
+    from pipeline.prefect_server import configured_api_url
+
+    if args.pool and not configured_api_url():
+        raise ConfigError("--pool", "needs the Prefect server of the pool's workers: set "
+                                    "PREFECT_API_URL (and PREFECT_API_AUTH_STRING)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and _other_checkout():
         # DVC runs queued experiments in temporary copies of the repository (.dvc/tmp/exps):
@@ -179,7 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "seeds":
             from pipeline.seeds import seeds_flow
 
-            seeds_flow(seeds=args.seeds or None, jobs=args.jobs, threads=args.threads)
+            _needs_server(args)
+            seeds_flow(seeds=args.seeds or None, jobs=args.jobs, threads=args.threads,
+                       pool=args.pool)
+        elif args.command == "sweep":
+            from pipeline.sweep import parse_grid, sweep_flow
+
+            grid = parse_grid(args.grid)  # bad keys or values: exit 2 before anything runs
+            _needs_server(args)
+            sweep_flow(grid=grid, pool=args.pool, jobs=args.jobs)
         elif args.command == "serve":
             from pipeline.retrain import serve
 

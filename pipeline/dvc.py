@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
+GIT_REMOTE = "origin"  # the git remote experiments are pushed to and pulled from
 LOCK_FILE = Path(".dvc/tmp/fashionnet-workspace.lock")  # .dvc/tmp: ignored by git and DVC
 
 
@@ -163,3 +164,48 @@ def _child_env() -> dict[str, str]:
         api_url = str(client.api_url)
     return {**tools_env(), "PREFECT_API_URL": api_url}
 
+
+def dvc_output(*args: str, cwd: str | Path | None = None) -> str:
+    """``dvc *args`` for what it prints (a listing); a failure raises RuntimeError with the
+    last line DVC printed."""
+    result = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True,
+                            env=tools_env())
+    if result.returncode:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
+        raise RuntimeError(f"dvc {' '.join(args)} exited with status {result.returncode}: "
+                           f"{lines[-1]}")
+    return result.stdout
+
+
+def head_commit() -> str:
+    return git("rev-parse", "HEAD").strip()
+
+
+def remote_url(remote: str = GIT_REMOTE) -> str | None:
+    """The URL of git remote ``remote``; None when there is none."""
+    try:
+        return git("remote", "get-url", remote).strip()
+    except RuntimeError:
+        return None
+
+
+def commit_on_remote(commit: str, remote: str = GIT_REMOTE) -> bool:
+    """Whether a branch or tag of ``remote`` (fetched now) contains ``commit``."""
+    git("fetch", "--quiet", "--tags", remote)
+    refs = git("for-each-ref", "--contains", commit, "--format=%(refname)",
+               f"refs/remotes/{remote}", "refs/tags")
+    return bool(refs.strip())
+
+
+def remote_experiments(commit: str, remote: str = GIT_REMOTE) -> set[str]:
+    """Names of the experiments on git remote ``remote`` whose baseline is ``commit``."""
+    return set(dvc_output("exp", "list", remote, "--rev", commit, "--name-only").split())
+
+
+def unshared_outputs() -> dict[str, str]:
+    """Outputs that dvc.lock names but the default DVC remote lacks (`dvc status --cloud`):
+    {path: "new" (only in the local cache) or "missing" (in neither)}."""
+    import json
+
+    status = json.loads(dvc_output("status", "--cloud", "--json") or "{}")
+    return {path: state for path, state in status.items() if state in ("new", "missing")}

@@ -26,6 +26,9 @@ PREDICTIONS = METRICS_DIR / "predictions.csv"
 # One row per training seed, written by `fashionnet seeds` (not a stage) and committed; the
 # report stage reads it.
 SEEDS = METRICS_DIR / "seeds.csv"
+# One row per grid point of the last `fashionnet sweep` (not a stage), committed; the report
+# stage reads it.
+SWEEP = METRICS_DIR / "sweep.csv"
 
 REPORTS_DIR = Path("reports")
 REPORT = REPORTS_DIR / "report.md"

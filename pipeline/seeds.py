@@ -103,13 +103,16 @@ def collect(seeds: list[int]) -> pd.DataFrame:
 
 @flow(name=FLOW_NAME)
 def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
-               threads: int | None = None) -> pd.DataFrame:
+               threads: int | None = None, pool: str | None = None) -> pd.DataFrame:
     """Train the recipe once per seed as DVC experiments; metrics/seeds.csv and the report.
 
     Args:
         seeds: train.seed values, default params.yaml's train.seed then 1, 2, 3.
         jobs: experiments run at a time.
         threads: torch CPU threads per experiment (OMP_NUM_THREADS); default torch's own.
+        pool: a Prefect work pool whose workers run the experiments instead of DVC's local
+            queue (pipeline/sweep.py); seeds whose experiment is already on the git remote
+            are not run again.
     """
     logger = get_run_logger()
     params = load_params()
@@ -125,9 +128,14 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
                                  "or stash them first "
                                  "(`dvc exp apply` at the end would overwrite them)")
     with workspace_lock("seeds"):
-        for seed in seeds:
-            queue_experiment(seed)
-        run_queue(jobs, threads)
+        if pool:
+            from pipeline.sweep import run_on_pool
+
+            run_on_pool({experiment_name(s): {"train.seed": s} for s in seeds}, pool)
+        else:
+            for seed in seeds:
+                queue_experiment(seed)
+            run_queue(jobs, threads)
         frame = collect(seeds)
         if own in seeds:
             before = PARAMS_FILE.read_bytes()

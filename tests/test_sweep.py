@@ -1,0 +1,209 @@
+"""`fashionnet sweep`: the grid and its names, refusals, and experiments run by Prefect workers
+shared through a git remote and an S3 DVC remote, end to end on real servers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from fashionnet.errors import ConfigError
+from pipeline import paths
+from pipeline.sweep import experiment_name, grid_points, parse_grid
+from tests.conftest import BIN, copy_repo, git, repo_env, set_params
+from tests.servers import (
+    bare_git_remote,
+    process_worker,
+    s3_server,
+    wait_for,
+)
+
+POOL = "fashionnet-test"
+
+
+def test_grid_is_every_combination_in_dvc_queue_order():
+    grid = parse_grid(["train.lr=0.001,0.003", "train.epochs=1,2"])
+    assert grid == {"train.lr": [0.001, 0.003], "train.epochs": [1, 2]}
+    points = grid_points(grid)
+    assert [tuple(p.values()) for p in points] == [(0.001, 1), (0.001, 2), (0.003, 1), (0.003, 2)]
+    names = [experiment_name(p) for p in points]
+    assert names[0] == "lr-0.001_epochs-1" and len(set(names)) == 4
+
+
+def test_names_are_git_ref_safe_and_unambiguous():
+    assert experiment_name({"train.seed": 1, "split.seed": 2}) == "train-seed-1_split-seed-2"
+    assert experiment_name({"train.device": "cuda"}) == "device-cuda"
+    long = experiment_name({"train.lr": 0.001, "train.weight_decay": 1e-5, "train.gamma": 0.5,
+                            "train.step_size": 10, "train.batch_size": 128})
+    assert len(long) <= 60
+    for name in (long, experiment_name({"train.lr": 1e-3})):
+        subprocess.run(["git", "check-ref-format", f"refs/exps/{name}"], check=True)
+
+
+@pytest.mark.parametrize(("specs", "key"), [
+    (["train.lr"], "train.lr"), (["train.lr=0.1", "train.lr=0.2"], "train.lr"),
+    (["train.nope=1,2"], "train.nope"), (["train.epochs=1,-1"], "train.epochs")])
+def test_bad_grid_names_the_key(specs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_grid(specs)
+
+
+def run(repo: Path, env: dict[str, str], *args: str, timeout: float = 600
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ok(repo: Path, env: dict[str, str], *args: str) -> str:
+    result = run(repo, env, *args)
+    assert result.returncode == 0, f"{args}: {result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_pool_without_a_server_is_refused(repo_copy, cli_env):
+    env = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}
+    result = run(repo_copy, env, "fashionnet", "sweep", "-S", "train.lr=0.1,0.2", "--pool", "p")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "fashionnet sweep: error: --pool: needs the Prefect server of the pool's workers: "
+        "set PREFECT_API_URL (and PREFECT_API_AUTH_STRING)"]
+
+
+def flow_runs(server, name: str) -> list[dict]:
+    """The flow runs named ``name``, through the API with the server's credentials."""
+    response = httpx.post(f"{server.api_url}/flow_runs/filter", auth=tuple(
+        server.auth_string.split(":", 1)), json={"flow_runs": {"name": {"any_": [name]}}})
+    response.raise_for_status()
+    return response.json()
+
+
+def kill_run_after_first_epoch(workers: list[subprocess.Popen], epochs: int,
+                               sweep: subprocess.Popen) -> None:
+    """kill -9 the flow run process whose clone trains ``epochs`` epochs, and every process
+    it started, once its first epoch's checkpoint is written (while ``sweep`` runs)."""
+    def training() -> psutil.Process | None:
+        for worker in workers:
+            for proc in psutil.Process(worker.pid).children():
+                try:
+                    clone = Path(proc.cwd())
+                    params = yaml.safe_load((clone / "params.yaml").read_text())
+                except (psutil.Error, OSError, yaml.YAMLError):
+                    continue
+                if (params["train"]["epochs"] == epochs
+                        and (clone / paths.CHECKPOINT).exists()):
+                    return proc
+        return None
+
+    run_proc = wait_for(training, f"the {epochs}-epoch run's first checkpoint", timeout=300,
+                        proc=sweep)
+    tree = [run_proc, *run_proc.children(recursive=True)]
+    for proc in tree:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+
+
+@pytest.mark.slow
+def test_sweep_on_two_workers_through_git_and_s3_remotes(tmp_path, authed_prefect, raw_dir):
+    server = authed_prefect
+    # A client without the auth string is refused.
+    assert httpx.post(f"{server.api_url}/flow_runs/filter", json={}).status_code == 401
+
+    with s3_server(tmp_path / "s3") as s3:
+        remote = bare_git_remote(tmp_path / "remote.git")
+        repo = copy_repo(tmp_path / "repo")
+        env = {**repo_env(repo, server.api_url, raw_dir), **server.client_env(),
+               **s3.credentials_env()}
+        set_params(repo, **{"split.limit": 600, "split.val_size": 600, "train.epochs": 1})
+        ok(repo, env, "dvc", "remote", "add", "-d", "team", f"s3://{s3.bucket}/dvc")
+        ok(repo, env, "dvc", "remote", "modify", "team", "endpointurl", s3.endpoint)
+        assert s3.secret_key not in (repo / ".dvc" / "config").read_text()
+        ok(repo, env, "dvc", "repro", "download")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", "tiny params, the S3 remote, the raw data")
+        git(repo, "remote", "add", "origin", str(remote))
+        sweep = ["fashionnet", "sweep", "-S", "train.epochs=1,2", "--pool", POOL]
+
+        # Refused until the commit is on the git remote and its data on the DVC remote.
+        result = run(repo, env, *sweep)
+        assert result.returncode == 2 and "run `git push origin" in result.stderr, result.stderr
+        git(repo, "push", "-q", "origin", "HEAD")
+        result = run(repo, env, *sweep)
+        assert result.returncode == 2 and "run `dvc push`" in result.stderr, result.stderr
+        ok(repo, env, "dvc", "push")
+        base_keys = s3.objects()
+
+        # Workers: no local data source, their own temporary directories, one run each.
+        worker_env = {k: v for k, v in env.items()
+                      if k not in ("FASHIONNET_SOURCE_DIR", "PYTHONPATH")}
+        worker_env["OMP_NUM_THREADS"] = "1"  # two runs share two cores
+        ok(tmp_path, worker_env, str(BIN / "prefect"), "work-pool", "create", POOL, "--type",
+           "process")
+        with process_worker(POOL, "w1", worker_env, tmp_path / "w1.log", limit=1) as w1, \
+                process_worker(POOL, "w2", worker_env, tmp_path / "w2.log", limit=1) as w2:
+            with open(tmp_path / "sweep.log", "w") as log:
+                proc = subprocess.Popen(sweep, cwd=repo, env=env, stdout=log,
+                                        stderr=subprocess.PIPE, text=True)
+            try:
+                kill_run_after_first_epoch([w1, w2], epochs=2, sweep=proc)
+                _, stderr = proc.communicate(timeout=600)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert proc.returncode == 1, stderr
+            assert "1 of 2 runs did not finish: epochs-2 (Crashed)" in stderr, stderr
+            logs = [(tmp_path / f"{w}.log").read_text() for w in ("w1", "w2")]
+            assert all("Completed submission of flow run" in text for text in logs), logs
+            [crashed] = flow_runs(server, "epochs-2")
+            assert crashed["state"]["type"] == "CRASHED"
+            commit = git(repo, "rev-parse", "HEAD").strip()
+            listed = ok(repo, env, "dvc", "exp", "list", str(remote), "--rev", commit,
+                        "--name-only")
+            assert listed.split() == ["epochs-1"]  # the finished run is kept; no epochs-2
+            after_crash = s3.objects()
+            assert not (repo / paths.SWEEP).read_text().count("epochs-")
+
+            # Again: only the missing point runs.
+            out = ok(repo, env, *sweep)
+            assert "already on git remote origin: epochs-1" in (tmp_path / "sweep.log"
+                                                               ).read_text() + out
+        assert len(flow_runs(server, "epochs-1")) == 1
+        assert len(flow_runs(server, "epochs-2")) == 2
+        table = pd.read_csv(repo / paths.SWEEP)
+        assert table["experiment"].tolist() == ["epochs-1", "epochs-2"]
+        assert table["train.epochs"].tolist() == [1, 2]
+        assert table["test_accuracy"].between(0.3, 1).all()
+
+        # A teammate's fresh clone: everything comes from the two remotes.
+        fresh = tmp_path / "fresh"
+        git(tmp_path, "clone", "-q", str(remote), str(fresh))
+        fresh_env = {**env, "PYTHONPATH": str(fresh)}
+        fresh_env.pop("FASHIONNET_SOURCE_DIR")
+        ok(fresh, fresh_env, "dvc", "exp", "pull", "origin", "epochs-1", "epochs-2")
+        shown = json.loads(ok(fresh, fresh_env, "dvc", "exp", "show", "--json"))
+        experiments = {e["name"]: e["revs"][0]["data"] for b in shown
+                       for e in (b.get("experiments") or [])}
+        for row in table.itertuples():
+            metrics = experiments[row.experiment]["metrics"]["metrics/metrics.json"]["data"]
+            assert metrics["accuracy"]["test"] == row.test_accuracy
+        diff = json.loads(ok(fresh, fresh_env, "dvc", "metrics", "diff", "HEAD", "epochs-2",
+                             "--json"))
+        assert diff["metrics/metrics.json"]["accuracy.test"]["new"] == table.loc[1,
+                                                                                "test_accuracy"]
+        ok(fresh, fresh_env, "dvc", "exp", "apply", "epochs-2")
+        ok(fresh, fresh_env, "dvc", "pull")
+        assert "up to date" in ok(fresh, fresh_env, "dvc", "status")
+        assert "in sync" in ok(fresh, fresh_env, "dvc", "status", "-c")
+        # The crashed run left nothing on S3: its model only appears after the rerun.
+        lock = yaml.safe_load((fresh / "dvc.lock").read_text())
+        model = next(o["md5"] for o in lock["stages"]["train"]["outs"]
+                     if o["path"] == str(paths.MODEL))
+        key = f"dvc/files/md5/{model[:2]}/{model[2:]}"
+        assert key not in after_crash and key in s3.objects() and key not in base_keys
