@@ -194,6 +194,37 @@ def seed_spread_markdown(seeds: pd.DataFrame | None,
     return text
 
 
+SWEEP_COLUMNS = ["experiment", "train_accuracy", "val_accuracy", "test_accuracy", "test_loss",
+                 "train_seconds", "device"]
+
+
+def sweep_table(sweep: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid point (metrics/sweep.csv): its params, accuracies and training time;
+    the best validation accuracy in bold, since the validation set is what chooses."""
+    params = [c for c in sweep.columns if c not in SWEEP_COLUMNS]
+    best = sweep["val_accuracy"].max()
+    rows = []
+    for row in sweep.to_dict("records"):
+        mark = "**" if row["val_accuracy"] == best else ""
+        rows.append({"experiment": f"`{row['experiment']}`",
+                     **{key: str(row[key]) for key in params},
+                     **{name: f"{row[f'{split}_accuracy']:.2%}"
+                        for split, name in _SPLIT_NAMES.items()},
+                     "training time": f"{_duration(row['train_seconds'])} ({row['device']})"})
+        rows[-1]["validation"] = f"{mark}{rows[-1]['validation']}{mark}"
+    return pd.DataFrame(rows)
+
+
+def sweep_markdown(sweep: pd.DataFrame | None) -> str:
+    """The report's section on the last sweep (metrics/sweep.csv)."""
+    if sweep is None or sweep.empty:
+        return ("No sweep is recorded (metrics/sweep.csv has no rows): `fashionnet sweep -S "
+                "KEY=V1,V2` runs a grid of params as DVC experiments and records it.")
+    return ("The last `fashionnet sweep`, one DVC experiment per grid point (`dvc exp show`, "
+            "`dvc exp apply NAME`); the best validation accuracy in bold. The test column only "
+            "reports.\n\n" + _table(sweep_table(sweep)))
+
+
 def differences_markdown(accuracy: Mapping[str, float], test_images: int) -> str:
     """Why this project's figures and the seed's cannot match exactly."""
     seed_images = int(SEED_PER_CLASS["support"].sum())
@@ -227,10 +258,12 @@ def differences_markdown(accuracy: Mapping[str, float], test_images: int) -> str
 def render_markdown(accuracy: pd.DataFrame, report: pd.DataFrame,
                     figures: Mapping[str, str], run: Mapping[str, str],
                     seeds: pd.DataFrame | None = None,
-                    recipe: Mapping[str, int] | None = None) -> str:
+                    recipe: Mapping[str, int] | None = None,
+                    sweep: pd.DataFrame | None = None) -> str:
     """The report's markdown: what was run, the accuracy and per-class tables, the spread
     over training seeds (``seeds``, metrics/seeds.csv; ``recipe``: this run's epochs and
-    limit), why the figures differ from the seed's, the figures (relative paths)."""
+    limit), the last sweep (``sweep``, metrics/sweep.csv), why the figures differ from the
+    seed's, the figures (relative paths)."""
     run_lines = "\n".join(f"- **{key}**: {value}" for key, value in run.items())
     figure_lines = "\n\n".join(f"![{title}]({src})" for title, src in figures.items())
     by_split = accuracy.set_index("split")["accuracy"].to_dict()
@@ -253,6 +286,9 @@ this project tests on the official 10,000-image test set, 1,000 per class.
 
 ## Spread over training seeds
 {seed_spread_markdown(seeds, recipe)}
+
+## Sweep
+{sweep_markdown(sweep)}
 
 ## Why these figures differ from the seed's
 {differences_markdown(by_split, test_images)}

@@ -44,6 +44,16 @@ def read_seeds(path: Path = paths.SEEDS) -> pd.DataFrame | None:
     return None if frame.empty else frame
 
 
+def read_sweep(path: Path = paths.SWEEP) -> pd.DataFrame | None:
+    """metrics/sweep.csv (`fashionnet sweep`): None when it is missing or has no rows yet;
+    refused (DataError) when it has rows the report cannot use."""
+    if not path.exists():
+        return None
+    frame = report.read_table(path, report.SWEEP_COLUMNS, text=["experiment", "device"],
+                              allow_empty=True)
+    return None if frame.empty else frame
+
+
 @flow(name="report")
 def report_flow(params: Params) -> Path:
     """The accuracy and per-class tables beside the seed's, learning curves, confusion matrix."""
@@ -75,7 +85,8 @@ def report_flow(params: Params) -> Path:
                "Test confusion matrix": paths.CONFUSION_MATRIX.name}
     recipe = {"epochs": info["params"]["train"]["epochs"],
               "limit": info["params"]["split"]["limit"]}
-    markdown = report.render_markdown(accuracy, per_class, figures, run, read_seeds(), recipe)
+    markdown = report.render_markdown(accuracy, per_class, figures, run, read_seeds(), recipe,
+                                       read_sweep())
     write_text(paths.REPORT, markdown)
     create_markdown_artifact(markdown, key="fashionnet-report",
                              description="FashionNet accuracy and per-class report")

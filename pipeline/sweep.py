@@ -60,7 +60,7 @@ FLOW_NAME = "fashionnet-sweep"
 PREFECT_FILE = Path("prefect.yaml")
 DEPLOYMENT_ENTRY = "experiment"  # the prefect.yaml deployment each pool gets a copy of
 METRIC_COLUMNS = ["train_accuracy", "val_accuracy", "test_accuracy", "test_loss",
-                  "train_seconds", "device"]
+                  "train_seconds", "device"]  # after the experiment's name and its params
 POLL_SECONDS = 2.0  # how often the states of the submitted runs are read
 MAX_NAME = 60  # longer experiment names are cut and made unique by a hash
 
