@@ -93,11 +93,12 @@ def kill_run_after_first_epoch(workers: list[subprocess.Popen], epochs: int,
             for proc in psutil.Process(worker.pid).children():
                 try:
                     clone = Path(proc.cwd())
+                    if not (clone / paths.CHECKPOINT).exists():
+                        continue
                     params = yaml.safe_load((clone / "params.yaml").read_text())
                 except (psutil.Error, OSError, yaml.YAMLError):
                     continue
-                if (params["train"]["epochs"] == epochs
-                        and (clone / paths.CHECKPOINT).exists()):
+                if isinstance(params, dict) and params["train"]["epochs"] == epochs:
                     return proc
         return None
 
