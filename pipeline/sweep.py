@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import dvc.api
@@ -115,6 +116,10 @@ def check_shared(commit: str, remote: str = GIT_REMOTE) -> str:
     if url is None:
         raise NotShared(f"no git remote {remote!r}: run `git remote add {remote} URL` and "
                         "`git push`")
+    if urlsplit(url).password:
+        raise NotShared(f"git remote {remote}'s URL holds a password, which each run would "
+                        "carry in its job variables: use SSH or a git credential helper "
+                        "(docs/distributed.md)")
     changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
     if changed:
         raise NotShared(f"uncommitted changes to {changed[0][3:]}: the workers run commit "
@@ -205,16 +210,19 @@ def wait(runs: Mapping[str, UUID]) -> dict[str, str]:
 
 
 def cancel(runs: Mapping[str, UUID]) -> list[str]:
-    """Cancel the runs not yet final, as `prefect flow-run cancel` does; their names."""
+    """Cancel the runs not yet final; their names. A run no worker has taken is Cancelled at
+    once; a started one is set Cancelling, as `prefect flow-run cancel` does, and its worker
+    stops it."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
+    from prefect.states import Cancelled, Cancelling
 
     cancelled = []
     with get_client(sync_client=True) as client:
         for name, run_id in runs.items():
             state = client.read_flow_run(run_id).state
             if state is None or not state.is_final():
-                client.set_flow_run_state(run_id, Cancelling(), force=True)
+                new = Cancelled() if state is None or state.is_scheduled() else Cancelling()
+                client.set_flow_run_state(run_id, new, force=True)
                 cancelled.append(name)
     return cancelled
 

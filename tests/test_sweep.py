@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from fashionnet.errors import ConfigError
-from pipeline import paths
+from pipeline import cli, paths
 from pipeline.sweep import experiment_name, grid_points, parse_grid
-from tests.conftest import BIN, copy_repo, git, repo_env, set_params
+from tests.conftest import BIN, REPO, copy_repo, git, repo_env, set_params
 from tests.servers import (
     bare_git_remote,
     process_worker,
@@ -67,13 +67,24 @@ def ok(repo: Path, env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def test_pool_without_a_server_is_refused(repo_copy, cli_env):
-    env = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}
-    result = run(repo_copy, env, "fashionnet", "sweep", "-S", "train.lr=0.1,0.2", "--pool", "p")
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "fashionnet sweep: error: --pool: needs the Prefect server of the pool's workers: "
+@pytest.mark.parametrize("argv", [["sweep", "-S", "train.lr=0.1,0.2", "--pool", "p"],
+                                  ["seeds", "5", "--pool", "p"]])
+def test_pool_without_a_server_is_refused(argv, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(cli, "_configure_prefect", lambda: None)  # no global logging set-up
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fashionnet {argv[0]}: error: --pool: needs the Prefect server of the pool's workers: "
         "set PREFECT_API_URL (and PREFECT_API_AUTH_STRING)"]
+
+
+def test_a_git_remote_url_with_a_password_is_refused(repo_copy, cli_env):
+    git(repo_copy, "remote", "add", "origin", "https://me:hunter2@git.example/fashionnet.git")
+    result = run(repo_copy, cli_env, "fashionnet", "sweep", "-S", "train.lr=0.1,0.2", "--pool",
+                 "p")
+    assert result.returncode == 2, result.stderr
+    assert "URL holds a password" in result.stderr and "hunter2" not in result.stderr
 
 
 def flow_runs(server, name: str) -> list[dict]:
@@ -204,9 +215,59 @@ def test_sweep_on_two_workers_through_git_and_s3_remotes(tmp_path, authed_prefec
         ok(fresh, fresh_env, "dvc", "pull")
         assert "up to date" in ok(fresh, fresh_env, "dvc", "status")
         assert "in sync" in ok(fresh, fresh_env, "dvc", "status", "-c")
+        ok(fresh, fresh_env, "fashionnet", "evaluate")  # the pulled model, no training
+        assert "up to date" in ok(fresh, fresh_env, "dvc", "status")
         # The crashed run left nothing on S3: its model only appears after the rerun.
         lock = yaml.safe_load((fresh / "dvc.lock").read_text())
         model = next(o["md5"] for o in lock["stages"]["train"]["outs"]
                      if o["path"] == str(paths.MODEL))
         key = f"dvc/files/md5/{model[:2]}/{model[2:]}"
         assert key not in after_crash and key in s3.objects() and key not in base_keys
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_cancels_its_runs_with_a_local_directory_remote(tmp_path, git_remote,
+                                                                          authed_prefect,
+                                                                          raw_dir):
+    server = authed_prefect
+    repo = copy_repo(tmp_path / "repo")
+    env = {**repo_env(repo, server.api_url, raw_dir), **server.client_env()}
+    storage = tmp_path / "dvc-storage"
+    ok(repo, env, "dvc", "remote", "add", "-d", "local", str(storage))
+    ok(repo, env, "dvc", "repro", "download")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a local directory remote, the raw data")
+    git(repo, "remote", "add", "origin", str(git_remote))
+    git(repo, "push", "-q", "origin", "HEAD")
+    ok(repo, env, "dvc", "push")
+    # A teammate's clone gets the data from the directory remote.
+    fresh = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", str(git_remote), str(fresh))
+    fresh_env = {**env, "PYTHONPATH": str(fresh)}
+    fresh_env.pop("FASHIONNET_SOURCE_DIR")
+    ok(fresh, fresh_env, "dvc", "pull", "download")  # the only stage this commit has run
+    assert "up to date" in ok(fresh, fresh_env, "dvc", "status", "download")
+    assert "in sync" in ok(fresh, fresh_env, "dvc", "status", "-c")
+
+    # No worker serves this pool: the runs wait until Ctrl-C cancels them.
+    ok(tmp_path, env, str(BIN / "prefect"), "work-pool", "create", "idle", "--type", "process")
+    names = ["lr-0.01", "lr-0.02"]
+    with open(tmp_path / "sweep.log", "w") as log:
+        proc = subprocess.Popen(["fashionnet", "sweep", "-S", "train.lr=0.01,0.02", "--pool",
+                                 "idle"], cwd=repo, env=env, stdout=log, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        wait_for(lambda: all(flow_runs(server, n) for n in names), "the submitted runs",
+                 proc=proc, log=tmp_path / "sweep.log")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "fashionnet sweep: interrupted" in stderr
+    for name in names:
+        [run] = flow_runs(server, name)
+        assert run["state"]["type"] == "CANCELLED", run["state"]
+    assert "cancelled lr-0.01, lr-0.02" in (tmp_path / "sweep.log").read_text()
