@@ -174,14 +174,14 @@ def deploy(pool: str) -> str:
     return f"{EXPERIMENT_FLOW}/{pool}"
 
 
-def submit(deployment: str, points: Mapping[str, Mapping[str, Any]], commit: str,
-           url: str) -> dict[str, UUID]:
-    """One flow run of ``deployment`` per point, without waiting; {name: flow run id}."""
+def submit(deployment: str, points: Mapping[str, Mapping[str, Any]], commit: str, url: str,
+           runs: dict[str, UUID]) -> dict[str, UUID]:
+    """One flow run of ``deployment`` per point, without waiting, each added to ``runs``
+    ({name: flow run id}) as soon as it exists, so that an interrupt can cancel it."""
     from prefect.deployments import run_deployment
 
     env = {**(deployment_entry().get("job_variables") or {}).get("env", {}),
            GIT_REMOTE_ENV: url, COMMIT_ENV: commit}
-    runs = {}
     for name, overrides in points.items():
         run = run_deployment(deployment, parameters={"name": name, "overrides": dict(overrides),
                                                      "commit": commit},
@@ -241,10 +241,11 @@ def run_on_pool(points: Mapping[str, Mapping[str, Any]], pool: str) -> None:
                     ", ".join(name for name in points if name in done))
     if todo:
         deployment = deploy(pool)
-        runs = submit(deployment, todo, commit, url)
-        logger.info("submitted %d runs of %s to pool %s at commit %s", len(runs), deployment,
-                    pool, commit[:7])
+        runs: dict[str, UUID] = {}
         try:
+            submit(deployment, todo, commit, url, runs)
+            logger.info("submitted %d runs of %s to pool %s at commit %s", len(runs),
+                        deployment, pool, commit[:7])
             states = wait(runs)
         except BaseException:  # Ctrl-C or a failure of the sweep itself: stop what it started
             stopped = cancel(runs)
