@@ -49,7 +49,8 @@ def timed(args: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 
 def new_baseline(repo: Path, label: str) -> None:
-    git(repo, "commit", "-q", "--allow-empty", "-m", f"benchmark: {label}")
+    """A new commit (with the last sweep's table), so that no experiment of the grid exists."""
+    git(repo, "commit", "-qa", "--allow-empty", "-m", f"benchmark: {label}")
     git(repo, "push", "-q", "origin", "HEAD")
 
 
