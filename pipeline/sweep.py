@@ -192,7 +192,8 @@ def submit(deployment: str, points: Mapping[str, Mapping[str, Any]], commit: str
 
 
 def wait(runs: Mapping[str, UUID]) -> dict[str, str]:
-    """Wait until every run is in a final state; {name: state name}."""
+    """Wait until every run is in a final state; {name: state name}. (`run_deployment` waits
+    for one run; a sweep waits for all at once and reports each change.)"""
     from prefect.client.orchestration import get_client
 
     logger = get_run_logger()

@@ -18,7 +18,7 @@ from fashionnet import report
 from fashionnet.errors import ConfigError, DataError
 from pipeline import cli, paths
 from pipeline.report import read_sweep
-from pipeline.sweep import experiment_name, grid_points, parse_grid
+from pipeline.sweep import METRIC_COLUMNS, experiment_name, grid_points, parse_grid
 from tests.conftest import BIN, REPO, copy_repo, git, repo_env, set_params
 from tests.servers import (
     bare_git_remote,
@@ -293,6 +293,7 @@ def test_report_marks_the_best_validation_accuracy_not_the_best_test():
 
 
 def test_read_sweep(tmp_path: Path):
+    assert ["experiment", *METRIC_COLUMNS] == report.SWEEP_COLUMNS  # what the sweep writes
     path = tmp_path / "sweep.csv"
     assert read_sweep(path) is None
     path.write_text((REPO / paths.SWEEP).read_text())  # the committed header-only file
