@@ -33,7 +33,10 @@ def evaluate(model: nn.Module, data: LabeledImages, device: torch.device | str =
     def step(logits: torch.Tensor, batch: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed cross-entropy, predictions) of one batch."""
         y = data.labels[batch].to(device)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum").double()
+        # float32 logits: bfloat16 ones would round to 1/16 and tie in argmax. InferenceNet
+        # returns float32; another module's autocast logits are bfloat16 (B, 10).
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, reduction="sum").double()
         return loss, logits.argmax(1)
 
     results = map_batches(model, data.images, step, device, dtype, batch_size)

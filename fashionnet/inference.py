@@ -3,6 +3,7 @@ the batch loop that runs it over many images (shared by evaluation and predictio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -18,6 +19,8 @@ from fashionnet.runtime import autocast, retain_freed_memory
 EVAL_BATCH = 256  # images per forward pass: small batches stay in cache (fastest on CPU)
 
 T = TypeVar("T")
+# (x, weight, bias, stride) -> LeakyReLU(conv(x)), padding 1
+ConvLeakyReLU = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,22 +32,56 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, t
     return weight.detach(), bias.detach()
 
 
-def _onednn_conv_leaky_relu() -> Callable[..., torch.Tensor] | None:
-    """oneDNN's convolution with a fused LeakyReLU (the kernel inductor emits), if this build
-    of torch has it: it saves a pass over each activation."""
-    if not torch.backends.mkldnn.is_available():
-        return None
+def _plain_conv_leaky_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           stride: int) -> torch.Tensor:
+    return F.leaky_relu(F.conv2d(x, weight, bias, stride, 1), 0.1, inplace=True)
+
+
+def _fused_conv_leaky_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           stride: int) -> torch.Tensor:
+    # oneDNN's convolution with a fused LeakyReLU, the kernel inductor emits: a private op
+    # (torch.ops.mkldnn), so only used after _onednn_conv_leaky_relu's probe has run it.
+    return torch.ops.mkldnn._convolution_pointwise.default(
+        x, weight, bias, [1, 1], [stride, stride], [1, 1], 1, "leaky_relu", [0.1], "")
+
+
+@functools.cache
+def _onednn_conv_leaky_relu(dtype: torch.dtype = torch.float32) -> ConvLeakyReLU | None:
+    """The fused oneDNN kernel for ``dtype`` on CPU, if this build of torch runs it and it
+    computes what the plain ops do: it saves a pass over each activation. The op is private,
+    so it is probed once on a tiny input; any error (missing op, changed signature or
+    semantics, a dtype the build lacks) falls back to the plain ops."""
     try:
-        return torch.ops.mkldnn._convolution_pointwise.default
-    except (AttributeError, RuntimeError):
+        if not torch.backends.mkldnn.is_available():
+            return None
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand(2, 3, 6, 6, generator=generator).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(4, 3, 3, 3, generator=generator) / 4).to(dtype)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(4, generator=generator).to(dtype)
+        with torch.inference_mode():
+            fused = _fused_conv_leaky_relu(x, weight, bias, 2)
+            plain = _plain_conv_leaky_relu(x, weight, bias, 2)
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        if fused.shape != plain.shape or fused.dtype != dtype or not torch.allclose(
+                fused.float(), plain.float(), rtol=tolerance, atol=tolerance):
+            return None
+    except Exception:  # a private op: whatever way it fails, the plain ops do the same work
         return None
+    return _fused_conv_leaky_relu
 
 
 class InferenceNet:
     """FashionNet's eval-mode forward pass, for evaluation only: BatchNorm folded into the
-    convolutions (eval-mode dropout is the identity), weights cast once to ``dtype``, and on
-    CPU each convolution fused with its LeakyReLU by oneDNN. It computes what
-    ``model.eval()(x)`` does, up to rounding; bfloat16 runs on AMX where the CPU has it.
+    convolutions (eval-mode dropout is the identity), the convolutions' weights cast once to
+    ``dtype``, and on CPU each convolution fused with its LeakyReLU by oneDNN. It computes
+    what ``model.eval()(x)`` does, up to rounding; bfloat16 runs on AMX where the CPU has it.
+
+    The classifier always computes in float32, and so do the logits: in bfloat16, logits of
+    8-16 would round to steps of 1/16, and argmax would break the resulting ties toward the
+    lower class. It is about 4% of the pass's multiply-adds, but with AMX computing the
+    convolutions, 15% of bfloat16 evaluation's time (docs/performance.md).
 
     A snapshot: build a new one after the model's weights change.
     """
@@ -56,29 +93,30 @@ class InferenceNet:
         cl = torch.channels_last
         self.w1, self.b1 = w1.to(dtype).contiguous(memory_format=cl), b1.to(dtype)
         self.w2, self.b2 = w2.to(dtype).contiguous(memory_format=cl), b2.to(dtype)
-        fc = model.fc.weight.detach().to(dtype)
-        self.fc_nchw, self.fc_bias = fc, model.fc.bias.detach().to(dtype)
+        fc = model.fc.weight.detach().float()
+        self.fc_nchw, self.fc_bias = fc, model.fc.bias.detach().float()
         # The classifier's weight in (H, W, C) order, for channels_last activations, which
         # then flatten without a copy.
         self.fc_nhwc = fc.view(NUM_CLASSES, 64, 14, 14).permute(0, 2, 3, 1).reshape(
             NUM_CLASSES, -1).contiguous()
-        self._fused = _onednn_conv_leaky_relu() if self.w1.device.type == "cpu" else None
-
-    def _conv_leaky_relu(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         stride: int) -> torch.Tensor:
-        if self._fused is not None:
-            return self._fused(x, weight, bias, [1, 1], [stride, stride], [1, 1], 1,
-                               "leaky_relu", [0.1], "")
-        return F.leaky_relu(F.conv2d(x, weight, bias, stride, 1), 0.1, inplace=True)
+        fused = _onednn_conv_leaky_relu(dtype) if self.w1.device.type == "cpu" else None
+        self._conv_leaky_relu: ConvLeakyReLU = fused or _plain_conv_leaky_relu
+        self.fused = fused is not None
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, 28, 28) float in [0, 1] -> (B, 10) logits in ``dtype``."""
+        """(B, 1, 28, 28) float in [0, 1] -> (B, 10) float32 logits."""
         x = self._conv_leaky_relu(x.to(self.dtype), self.w1, self.b1, 1)
         x = self._conv_leaky_relu(x, self.w2, self.b2, 2)  # (B, 64, 14, 14)
         if x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1).flatten(1), self.fc_nhwc, self.fc_bias)
-        return F.linear(x.flatten(1), self.fc_nchw, self.fc_bias)
+            x, fc = x.permute(0, 2, 3, 1).flatten(1), self.fc_nhwc
+        else:
+            x, fc = x.flatten(1), self.fc_nchw
+        # As (10, K) @ (K, B): float32's kernel for that shape is faster than for
+        # (B, K) @ (K, 10) (0.85x against 0.75x of the bfloat16 logits' speed, per CPU-second).
+        # Outside any caller's autocast, which would compute it in bfloat16 again.
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.addmm(self.fc_bias.unsqueeze(1), fc, x.float().t()).t()  # (B, 10)
 
 
 def map_batches(model: nn.Module, images: torch.Tensor,
@@ -88,9 +126,9 @@ def map_batches(model: nn.Module, images: torch.Tensor,
     ``batch`` is the slice of ``images`` it covers, ``logits`` (B, 10) on ``device``.
 
     The model runs in eval mode (BatchNorm running stats, no dropout) and its training mode is
-    restored afterwards. A FashionNet runs as an :class:`InferenceNet` in ``dtype``; another
-    module runs under autocast when ``dtype`` is bfloat16. ``step`` runs under the same
-    inference mode and autocast as the forward pass.
+    restored afterwards. A FashionNet runs as an :class:`InferenceNet` in ``dtype``, its logits
+    float32; another module runs under autocast when ``dtype`` is bfloat16. ``step`` runs under
+    the same inference mode and autocast as the forward pass.
 
     On a CPU with several torch threads, batches run side by side, one thread each: a batch's
     activations then stay in one core's cache, which is about 1.2x the throughput of sharing
@@ -105,7 +143,9 @@ def map_batches(model: nn.Module, images: torch.Tensor,
     def one_batch(start: int) -> T:
         batch = slice(start, start + batch_size)
         # inference_mode and autocast are per thread: set here, in the thread that runs it.
-        with torch.inference_mode(), autocast(device, dtype):
+        # InferenceNet casts its own weights; autocast is for another module.
+        with torch.inference_mode(), autocast(device, dtype if forward is model else
+                                              torch.float32):
             # uint8 crosses to the device, a quarter of the bytes; it is scaled there.
             return step(forward(to_input(images[batch].to(device))), batch)
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
 from fashionnet.errors import ConfigError
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,14 +34,29 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
     else:
-        native = device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+        native = device.type == "cpu" and _cpu_has_native_bfloat16()
     return torch.bfloat16 if native else torch.float32
+
+
+@functools.cache
+def _cpu_has_native_bfloat16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX512-BF16). torch only says so through a
+    private function, so it is called once, guarded, and a bfloat16 matmul is run on a tiny
+    input: any error (gone, renamed, a changed signature) means float32."""
+    try:
+        if not bool(torch.cpu._is_avx512_bf16_supported()):
+            return False
+        a = torch.ones(2, 2, dtype=torch.bfloat16)
+        return bool(torch.equal((a @ a).float(), torch.full((2, 2), 2.0)))
+    except Exception:  # a private function: however it fails, float32 is always right
+        return False
 
 
 def autocast(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.autocast:
     """Mixed precision when ``dtype`` is bfloat16: convolutions and the linear layer compute
     in bfloat16, the loss, BatchNorm statistics and optimizer state stay float32."""
     return torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
+
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 

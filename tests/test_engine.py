@@ -145,9 +145,26 @@ def test_precision_choice(monkeypatch):
     cpu = torch.device("cpu")
     assert runtime_module.resolve_precision("float32", cpu) == torch.float32
     assert runtime_module.resolve_precision("bfloat16", cpu) == torch.bfloat16
-    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
-        assert runtime_module.resolve_precision("auto", cpu) == expected
+    probe = runtime_module._cpu_has_native_bfloat16
+    try:
+        for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+            probe.cache_clear()
+            assert runtime_module.resolve_precision("auto", cpu) == expected
+
+        def changed(required_argument):  # a private function whose signature changed
+            return True
+
+        for replacement in (changed, None):  # None: gone, calling it raises TypeError
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", replacement)
+            probe.cache_clear()
+            assert runtime_module.resolve_precision("auto", cpu) == torch.float32
+        monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+        probe.cache_clear()
+        assert runtime_module.resolve_precision("auto", cpu) == torch.float32
+    finally:
+        monkeypatch.undo()
+        probe.cache_clear()
 
 
 def test_benchmark_smoke(raw_dir):
