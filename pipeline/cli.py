@@ -8,11 +8,12 @@ stderr naming the file or key; 1 on any other failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -194,30 +195,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.params import load_params
 
         params = load_params()
-        if args.command == "retrain":
-            from pipeline.retrain import retrain_flow
+        # --pool: the pool's own server, never one of ours (_needs_server says so).
+        with _api_server(scheduler=args.command == "serve",
+                         start=not getattr(args, "pool", None)):
+            if args.command == "retrain":
+                from pipeline.retrain import retrain_flow
 
-            retrain_flow(force=args.force, seed=args.seed, set_params=dict(args.set_params),
-                         name=args.name)
-        elif args.command == "seeds":
-            from pipeline.seeds import seeds_flow
+                retrain_flow(force=args.force, seed=args.seed, set_params=dict(args.set_params),
+                             name=args.name)
+            elif args.command == "seeds":
+                from pipeline.seeds import seeds_flow
 
-            _needs_server(args)
-            seeds_flow(seeds=args.seeds or None, jobs=args.jobs, threads=args.threads,
-                       pool=args.pool)
-        elif args.command == "sweep":
-            from pipeline.sweep import parse_grid, sweep_flow
+                _needs_server(args)
+                seeds_flow(seeds=args.seeds or None, jobs=args.jobs, threads=args.threads,
+                           pool=args.pool)
+            elif args.command == "sweep":
+                from pipeline.sweep import parse_grid, sweep_flow
 
-            grid = parse_grid(args.grid)  # bad keys or values: exit 2 before anything runs
-            _needs_server(args)
-            sweep_flow(grid=grid, pool=args.pool, jobs=args.jobs)
-        elif args.command == "serve":
-            from pipeline.retrain import serve
+                grid = parse_grid(args.grid)  # bad keys or values: exit 2 before anything runs
+                _needs_server(args)
+                sweep_flow(grid=grid, pool=args.pool, jobs=args.jobs)
+            elif args.command == "serve":
+                from pipeline.retrain import serve
 
-            serve(params.schedule.cron)
-        else:
-            stage = importlib.import_module(f"pipeline.{args.command}")  # only its imports
-            getattr(stage, f"{args.command}_flow")(params)
+                serve(params.schedule.cron)
+            else:
+                stage = importlib.import_module(f"pipeline.{args.command}")  # only its imports
+                getattr(stage, f"{args.command}_flow")(params)
     except InputError as e:
         message = " ".join(str(e).split())  # one line, whatever the message quotes
         print(f"fashionnet {args.command}: error: {message}", file=sys.stderr)
@@ -236,6 +240,34 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _api_server(scheduler: bool, start: bool = True) -> Iterator[None]:
+    """The Prefect API the flows report to: the configured one (environment or profile), else
+    a server of our own for this command, which dies with it even on `kill -9` (Prefect's
+    temporary server would outlive it: see pipeline/prefect_server.py). ``scheduler``: the
+    scheduling services, which only `serve` needs; ``start=False``: none of our own."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipeline.prefect_server import configured_api_url, prefect_server
+
+    if not start or configured_api_url():
+        yield
+        return
+    with prefect_server(ui=False, scheduler=scheduler) as api_url, \
+            temporary_settings({PREFECT_API_URL: api_url}):
+        os.environ["PREFECT_API_URL"] = api_url  # and for the dvc stages retrain/seeds run
+        try:
+            yield
+        finally:
+            del os.environ["PREFECT_API_URL"]
+            # Send the last logs and events while the server is up, as Prefect's test harness
+            # does; at interpreter exit they would retry a stopped server for a minute.
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""Run a command, `dvc repro` by default, with one Prefect server for all of its stages.
+"""The Prefect servers this project starts: each one a child process that dies with its parent.
 
-Without an API URL each `fashionnet <stage>` starts Prefect's temporary server, about 6-10 s a
-stage. `make repro` runs through this module instead: one `prefect server start` on a free
-loopback port (its UI watches the stages live), `PREFECT_API_URL` pointing the stages at it,
-then the server stops. Runs are kept in Prefect's database under PREFECT_HOME, so a later
-`prefect server start` shows them. With an API URL already configured (environment or
-profile) the command runs against that server, unchanged.
+`fashionnet <stage>` without a configured API URL, `make repro` (through
+``python -m pipeline.prefect_server dvc repro``, one server for all stages, its UI watching
+them live) and the test suite start `prefect server start` on a free loopback port. Prefect's
+own temporary server (SubprocessASGIServer) stops only at a clean exit (atexit), and
+`prefect server start --background` detaches the server from its caller on purpose: after a
+`kill -9` of the caller both keep running, about 190 MB each. So the server is started in the
+foreground, as a child that asks the kernel (Linux PR_SET_PDEATHSIG) to kill it when its
+parent dies, however the parent ends. Runs are kept in Prefect's database under PREFECT_HOME,
+so a later `prefect server start` shows them. With an API URL already configured (environment
+or profile) nothing is started.
 
     python -m pipeline.prefect_server [COMMAND ...]
 """
@@ -13,6 +17,7 @@ profile) the command runs against that server, unchanged.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +27,30 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
-STARTUP_TIMEOUT = 120.0  # seconds; a first start migrates the database
+STARTUP_TIMEOUT = 120  # seconds; a first start migrates the database
+STOP_TIMEOUT = 30  # seconds between SIGINT and SIGKILL
+
+# Run in the child itself, before it executes the real command: the kernel sends the child
+# SIGKILL when the thread that started it ends. PR_SET_PDEATHSIG = 1 (linux/prctl.h); it
+# survives execve. A parent that died before prctl is caught by the getppid check. Without
+# prctl (not Linux), the child runs unguarded and only a clean exit of its parent stops it.
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+if prctl is not None and prctl(1, signal.SIGKILL) != 0:
+    sys.exit(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the parent process is gone")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def die_with_parent(command: Sequence[str]) -> list[str]:
+    """``command`` (its first item a path) wrapped so that it is killed when this thread's
+    process dies: pass the result to subprocess.Popen from the thread that will wait on it."""
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 def configured_api_url() -> str | None:
@@ -39,44 +66,70 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def healthy(api_url: str) -> bool:
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGINT, then SIGKILL if ``process`` has not exited within ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def prefect_server(env: Mapping[str, str] | None = None, ui: bool | None = None,
+                   scheduler: bool = True) -> Iterator[str]:
+    """`prefect server start` on a free loopback port for the duration, dying with this
+    process; its API URL. ``env`` adds to the server's environment (PREFECT_HOME, say);
+    ``ui``: the web UI on or off (None: as PREFECT_UI_ENABLED says, on by default);
+    ``scheduler=False`` leaves out the scheduling services (scheduler, late runs), which only
+    deployments need. The services that record task runs and events always run."""
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
+    env.pop("PREFECT_API_URL", None)  # the server serves its own API, whatever a profile says
+    command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port),
+               "--no-background"]
+    if ui is not None:
+        command.append("--ui" if ui else "--no-ui")
+    if not scheduler:
+        command += ["--no-scheduler", "--no-late-runs"]
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(die_with_parent(command), env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            _wait_until_up(server, api_url, log)
+            yield api_url
+        finally:
+            stop(server)
+
+
+def _wait_until_up(server: subprocess.Popen, api_url: str, log: IO[bytes]) -> None:
+    """Poll the server's health endpoint until it answers; an error with the server's log if
+    the server exits first or is not up within STARTUP_TIMEOUT.
+
+    Our own loop rather than `prefect server status --wait`: that one checks once a second
+    from a second Python process importing Prefect, which on 2 busy cores made each start
+    2-7 s slower (11.0-17.5 s against 8.8-11.1 s, back to back, load 8)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not _healthy(api_url):
+        if server.poll() is not None or time.monotonic() > deadline:
+            problem = (f"exited with status {server.returncode}" if server.returncode
+                       is not None else f"not up within {STARTUP_TIMEOUT} s")
+            log.seek(0)
+            raise RuntimeError(f"the Prefect server {problem}:\n"
+                               + log.read().decode(errors="replace")[-2000:])
+        time.sleep(0.1)
+
+
+def _healthy(api_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
-
-
-@contextmanager
-def prefect_server(env: Mapping[str, str] | None = None) -> Iterator[str]:
-    """A `prefect server start` on a free loopback port for the duration; its API URL.
-    ``env`` adds to the server's environment (PREFECT_HOME, say)."""
-    port = free_port()
-    prefect = Path(sys.executable).with_name("prefect")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
-    env.pop("PREFECT_API_URL", None)  # the server serves its own API, whatever a profile says
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(
-            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        api_url = f"http://127.0.0.1:{port}/api"
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while not healthy(api_url):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError("the Prefect server did not start:\n"
-                                       + log.read().decode(errors="replace")[-2000:])
-                time.sleep(0.2)
-            yield api_url
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prefect server on loopback for the whole session, with its own database; its
     API URL."""
     home = tmp_path_factory.mktemp("prefect-home")
-    with prefect_server({"PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}) as url:
+    with prefect_server({"PREFECT_HOME": str(home)}, ui=False) as url:
         yield url
 
 

@@ -1,15 +1,22 @@
-"""`python -m pipeline.prefect_server`: one server for a whole `dvc repro`, then gone."""
+"""The Prefect servers the project starts: one for a whole `dvc repro`, then gone; and none
+outlives the command that started it, even one killed with SIGKILL."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from fashionnet.split import SplitConfig
+from pipeline import paths
+from tests.conftest import REPO, set_params
+from tests.test_resume import prepare
 
 PROBE = ("import os, sys, urllib.request; url = os.environ['PREFECT_API_URL']; "
          "print(url, urllib.request.urlopen(url + '/health').status); sys.exit(3)")
@@ -43,3 +50,57 @@ def test_a_configured_server_is_used_as_is(tmp_path):
     assert result.returncode == 1  # the probe cannot reach it: nothing was started
     assert "Prefect server for this run" not in result.stdout
     assert "Connection refused" in result.stderr
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """Live processes in session ``sid`` (zombies hold nothing and are left out): pid ->
+    command line. Read from /proc, so nothing is matched by name."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:  # gone meanwhile
+            continue
+        state, _ppid, _pgrp, session = stat.rpartition(")")[2].split()[:4]
+        if int(session) == sid and state != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return result
+
+
+@pytest.mark.slow
+def test_a_stage_killed_with_sigkill_leaves_no_process_behind(repo_copy, cli_env, official,
+                                                              tmp_path):
+    """`fashionnet train` without an API URL starts its own Prefect server; SIGKILL of the
+    stage, once its first epoch is checkpointed, takes the server with it."""
+    split = SplitConfig(val_size=100, limit=200)
+    set_params(repo_copy, **{"split.val_size": split.val_size, "split.limit": split.limit,
+                             "train.epochs": 200, "train.batch_size": 50})
+    prepare(repo_copy, official, split)
+    env = {**cli_env, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    del env["PREFECT_API_URL"]  # nor does the fresh PREFECT_HOME's profile set one
+    stage = subprocess.Popen(["fashionnet", "train"], cwd=repo_copy, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # its session id is its pid
+    try:
+        wait_for((repo_copy / paths.CHECKPOINT).exists, 240, "the checkpoint of epoch 1")
+        running = session_processes(stage.pid)
+        assert stage.pid in running
+        assert len(running) > 1, running  # the stage and its Prefect server, at least
+        stage.kill()  # SIGKILL
+        assert stage.wait() == -signal.SIGKILL
+        wait_for(lambda: not session_processes(stage.pid), 30,
+                 f"the stage's processes to end: {session_processes(stage.pid)}")
+    finally:
+        for pid in session_processes(stage.pid):  # whatever the test may have left
+            os.kill(pid, signal.SIGKILL)
