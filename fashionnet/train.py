@@ -125,6 +125,7 @@ def train(
     With ``checkpoint``, everything the rest of the run depends on is saved there after each
     epoch, and a checkpoint left by an interrupted run with the same params, data, code and
     machine is resumed: the result is bit for bit that of an uninterrupted run.
+    ``on_epoch`` is called with each epoch's stats in order, those resumed included.
     """
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -150,6 +151,8 @@ def train(
                 history = _restore(saved, model, optimizer, scheduler, generators, cfg.epochs)
                 log.info("%s: resuming after epoch %d of %d", checkpoint, len(history),
                          cfg.epochs)
+                for stats in history if on_epoch is not None else ():
+                    on_epoch(stats)  # the restored epochs, so the caller sees every one
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 # Undo whatever was restored before the misfit was found.
                 log.warning("%s: ignored, it does not fit this run (%s); training from scratch",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from fashionnet import FashionNet
@@ -20,11 +21,34 @@ from fashionnet.train import EpochStats, TrainConfig, init_model, train
 from pipeline import paths
 from pipeline.params import Params
 
+PROGRESS_KEY = "fashionnet-train-progress"
+
+
+def write_history(history: list[EpochStats]) -> None:
+    """metrics/history.csv, one row per epoch so far, atomically (`dvc plots show` reads it
+    while training runs)."""
+    frame = pd.DataFrame([vars(s) for s in history], columns=list(HISTORY_COLUMNS))
+    write_text(paths.HISTORY, frame[list(HISTORY_COLUMNS)].to_csv(index=False))
+
 
 @task(cache_policy=NO_CACHE)
 def fit(model: FashionNet, train_set: LabeledImages, val_set: LabeledImages,
         cfg: TrainConfig, checkpoint: Path) -> list[EpochStats]:
-    return train(model, train_set, val_set, cfg, checkpoint)
+    """Train, and after each epoch rewrite metrics/history.csv and update the run's progress
+    artifact (the Prefect UI's progress bar)."""
+    progress = create_progress_artifact(0.0, key=PROGRESS_KEY,
+                                        description=f"training: 0 of {cfg.epochs} epochs")
+    done: list[EpochStats] = []
+
+    def on_epoch(stats: EpochStats) -> None:
+        done.append(stats)
+        write_history(done)
+        update_progress_artifact(
+            progress, 100 * stats.epoch / cfg.epochs,
+            description=f"training: {stats.epoch} of {cfg.epochs} epochs, validation "
+                        f"accuracy {stats.val_accuracy:.2%}")
+
+    return train(model, train_set, val_set, cfg, checkpoint, on_epoch=on_epoch)
 
 
 @flow(name="train")
@@ -38,8 +62,7 @@ def train_flow(params: Params) -> list[EpochStats]:
     history = fit(model, train_set, val_set, cfg, paths.CHECKPOINT)
     with atomic_path(paths.MODEL) as tmp:
         torch.save(model.cpu().state_dict(), tmp)
-    frame = pd.DataFrame([vars(s) for s in history])
-    write_text(paths.HISTORY, frame[list(HISTORY_COLUMNS)].to_csv(index=False))
+    write_history(history)
     info = {  # what the report states about the run
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(sum(s.seconds for s in history), 1),

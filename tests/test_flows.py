@@ -18,11 +18,14 @@ from fashionnet.idx import TEST_LABELS, read_labels
 from fashionnet.split import SplitConfig
 from fashionnet.train import TrainConfig
 from pipeline import paths
+from pipeline import train as train_module
 from pipeline.evaluate import evaluate_flow
 from pipeline.params import Params
 from pipeline.report import report_flow
 from pipeline.split import split_flow
-from pipeline.train import train_flow
+from pipeline.train import PROGRESS_KEY, train_flow
+
+LIVE: list[tuple[float, str, str]] = []  # (progress %, history.csv, description) per epoch
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,14 @@ def ran(prefect_harness, raw_dir: Path, tmp_path_factory: pytest.TempPathFactory
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         assert split_flow(params) == {"train": 600, "val": 1000, "test": 10_000}
+        update = train_module.update_progress_artifact
+
+        def record(artifact_id, progress, description=None):
+            # After each epoch: what metrics/history.csv holds when the UI's bar moves.
+            LIVE.append((progress, (work / paths.HISTORY).read_text(), description))
+            return update(artifact_id, progress, description)
+
+        mp.setattr(train_module, "update_progress_artifact", record)
         history = train_flow(params)
         assert [s.epoch for s in history] == [1, 2]
         evaluate_flow(params)
@@ -102,3 +113,20 @@ def test_report_tables_are_published_as_prefect_artifacts(ran: Path):
     assert found["fashionnet-report"][0].type == "markdown"
     assert "90.30%" in found["fashionnet-report"][0].data
     assert found["fashionnet-per-class"][0].type == "table"
+
+
+def test_training_shows_its_progress_after_every_epoch(ran: Path):
+    """After each epoch, metrics/history.csv holds every epoch so far (`dvc plots show` works
+    mid-run) and the Prefect progress artifact moves."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    assert [progress for progress, _, _ in LIVE] == [50.0, 100.0]
+    final = (ran / paths.HISTORY).read_text()
+    assert LIVE[0][1] == final.splitlines(keepends=True)[0] + final.splitlines(keepends=True)[1]
+    assert LIVE[1][1] == final
+    assert LIVE[0][2].startswith("training: 1 of 2 epochs, validation accuracy ")
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY])))
+    assert artifact.type == "progress" and artifact.data == 100.0
