@@ -225,49 +225,60 @@ def sweep_markdown(sweep: pd.DataFrame | None) -> str:
             "reports.\n\n" + _table(sweep_table(sweep)))
 
 
-def differences_markdown(accuracy: Mapping[str, float], test_images: int) -> str:
-    """Why this project's figures and the seed's cannot match exactly."""
+def differences_markdown(accuracy: Mapping[str, float], test_images: int,
+                         val_images: int) -> str:
+    """Why this project's figures and the seed's cannot match exactly. One line per paragraph:
+    the Prefect UI renders each newline inside a paragraph as a line break."""
     seed_images = int(SEED_PER_CLASS["support"].sum())
     test = accuracy["test"]
 
     def stderr(n: int) -> float:  # binomial standard error of an accuracy on n images
         return (test * (1 - test) / n) ** 0.5 * 100
 
-    return f"""- **Test set.** The seed's per-class support sums to {seed_images:,} images, about
-  400 a class: its test set was a {seed_images:,}-image subset (or a split) of unknown
-  selection. This project tests on the official {test_images:,}-image test set, 1,000 a
-  class. At this accuracy, the sampling error alone is ±{stderr(seed_images):.2f} points on
-  {seed_images:,} images and ±{stderr(test_images):.2f} on {test_images:,} (one standard
-  error), so per-class figures, from about 400 images each in the seed, can differ by a few
-  hundredths from sampling alone.
-- **Train and validation accuracy.** Here both are measured after training, in eval mode
-  (BatchNorm running statistics, no dropout), over the whole split: {accuracy["train"]:.2%}
-  train and {accuracy["val"]:.2%} validation here, {SEED_ACCURACY["train"]:.2%} and
-  {SEED_ACCURACY["val"]:.2%} in the seed. The seed does not say how it measured them, nor how
-  large its validation split was or how it was drawn. A train accuracy averaged over an epoch
-  while training, with dropout active, comes out lower than an eval-mode one; this project's
-  validation split is 6,000 images, stratified, from the official training set.
-- **Run to run.** Training is seeded and repeatable on one machine, but the spread over
-  training seeds (above) is the yardstick for comparing one run with another: differences
-  within about two standard deviations are noise, not an effect of the code.
-- **Precision.** On CPUs with native bfloat16 (and on CUDA) the convolutions compute in
-  bfloat16 (`train.precision: auto`); `train.precision: float32` reproduces the seed's float32
-  arithmetic, at about 0.7x the speed."""
+    seed_per_class = round(seed_images / len(CLASSES), -2)
+    items = [
+        f"**Test set.** The seed's per-class support sums to {seed_images:,} images, about "
+        f"{seed_per_class:,.0f} a class: its test set was a {seed_images:,}-image subset (or a "
+        f"split) of unknown selection. This project tests on the official {test_images:,}-image "
+        f"test set, {test_images // len(CLASSES):,} a class. At this accuracy, the sampling error "
+        f"alone is ±{stderr(seed_images):.2f} points on {seed_images:,} images and "
+        f"±{stderr(test_images):.2f} on {test_images:,} (one standard error), so per-class "
+        f"figures, from about {seed_per_class:,.0f} images each in the seed, can differ by a few "
+        "hundredths from sampling alone.",
+        "**Train and validation accuracy.** Here both are measured after training, in eval "
+        "mode (BatchNorm running statistics, no dropout), over the whole split: "
+        f"{accuracy['train']:.2%} train and {accuracy['val']:.2%} validation here, "
+        f"{SEED_ACCURACY['train']:.2%} and {SEED_ACCURACY['val']:.2%} in the seed. The seed "
+        "does not say how it measured them, nor how large its validation split was or how it "
+        "was drawn. A train accuracy averaged over an epoch while training, with dropout "
+        "active, comes out lower than an eval-mode one; this project's validation split is "
+        f"{val_images:,} images, stratified, from the official training set.",
+        "**Run to run.** Training is seeded and repeatable on one machine, but the spread over "
+        "training seeds (above) is the yardstick for comparing one run with another: "
+        "differences within about two standard deviations are noise, not an effect of the "
+        "code.",
+        "**Precision.** On CPUs with native bfloat16 (and on CUDA) the convolutions compute in "
+        "bfloat16 (`train.precision: auto`, see *What was run*); `train.precision: float32` "
+        "reproduces the seed's float32 arithmetic, more slowly.",
+    ]
+    return "\n".join(f"- {item}" for item in items)
 
 
 def render_markdown(accuracy: pd.DataFrame, report: pd.DataFrame,
                     figures: Mapping[str, str], run: Mapping[str, str],
                     seeds: pd.DataFrame | None = None,
                     recipe: Mapping[str, int] | None = None,
-                    sweep: pd.DataFrame | None = None) -> str:
+                    sweep: pd.DataFrame | None = None, *, val_images: int) -> str:
     """The report's markdown: what was run, the accuracy and per-class tables, the spread
     over training seeds (``seeds``, metrics/seeds.csv; ``recipe``: this run's epochs and
     limit), the last sweep (``sweep``, metrics/sweep.csv), why the figures differ from the
-    seed's, the figures (relative paths)."""
+    seed's (``val_images``: the validation split's size), the figures (``figures``: title ->
+    image URL, a relative path or a data: URI)."""
     run_lines = "\n".join(f"- **{key}**: {value}" for key, value in run.items())
     figure_lines = "\n\n".join(f"![{title}]({src})" for title, src in figures.items())
     by_split = accuracy.set_index("split")["accuracy"].to_dict()
     test_images = int(report[report["class"].isin(CLASSES)]["support"].sum())
+    seed_images = int(SEED_PER_CLASS["support"].sum())
     return f"""# FashionNet report
 
 ## What was run
@@ -279,8 +290,9 @@ Measured after training, in eval mode, over each whole split; the seed's single 
 {_table(accuracy_table(accuracy))}
 
 ## Per-class test metrics
-Each cell: this run (the seed's figure). The seed's support sums to 4,000 test images;
-this project tests on the official 10,000-image test set, 1,000 per class.
+Each cell: this run (the seed's figure). The seed's support sums to {seed_images:,} test \
+images; this project tests on the official {test_images:,}-image test set, \
+{test_images // len(CLASSES):,} per class.
 
 {_table(per_class_table(report))}
 
@@ -291,7 +303,7 @@ this project tests on the official 10,000-image test set, 1,000 per class.
 {sweep_markdown(sweep)}
 
 ## Why these figures differ from the seed's
-{differences_markdown(by_split, test_images)}
+{differences_markdown(by_split, test_images, val_images)}
 
 ## Figures
 {figure_lines}

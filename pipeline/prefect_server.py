@@ -90,6 +90,8 @@ def prefect_server(env: Mapping[str, str] | None = None, ui: bool | None = None,
     prefect = str(Path(sys.executable).with_name("prefect"))
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
     env.pop("PREFECT_API_URL", None)  # the server serves its own API, whatever a profile says
+    # Where the UI in the browser finds the API; its default is the default port, 4200.
+    env["PREFECT_UI_API_URL"] = api_url
     command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port),
                "--no-background"]
     if ui is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,20 @@ def run_description(info: dict, test_images: int) -> dict[str, str]:
                    f"{info['precision']} compute, torch {info['torch']}",
         "training time": f"{info['seconds']:.0f} s, started {info['started']}",
     }
+
+
+_FIGURE = re.compile(r"!\[(?P<title>[^\]]*)\]\((?P<src>[^)\s:]+\.png)\)")
+
+
+def embed_figures(markdown: str, directory: Path) -> str:
+    """``markdown`` with each relative PNG figure, read from ``directory``, inlined as a data:
+    URI: the Prefect UI shows an artifact in a browser that cannot reach the files."""
+
+    def inline(match: re.Match[str]) -> str:
+        png = (directory / match["src"]).read_bytes()
+        return f"![{match['title']}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+    return _FIGURE.sub(inline, markdown)
 
 
 def read_seeds(path: Path = paths.SEEDS) -> pd.DataFrame | None:
@@ -86,9 +102,9 @@ def report_flow(params: Params) -> Path:
     recipe = {"epochs": info["params"]["train"]["epochs"],
               "limit": info["params"]["split"]["limit"]}
     markdown = report.render_markdown(accuracy, per_class, figures, run, read_seeds(), recipe,
-                                       read_sweep())
+                                      read_sweep(), val_images=info["val_images"])
     write_text(paths.REPORT, markdown)
-    create_markdown_artifact(markdown, key="fashionnet-report",
+    create_markdown_artifact(embed_figures(markdown, paths.REPORTS_DIR), key="fashionnet-report",
                              description="FashionNet accuracy and per-class report")
     create_table_artifact(per_class.round(4).to_dict("records"), key="fashionnet-per-class",
                           description="Per-class test metrics")

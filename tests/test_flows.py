@@ -3,6 +3,7 @@ data: every contract output, and metrics recomputed independently from the predi
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -100,6 +101,11 @@ def test_report_embeds_figures_and_the_seeds_figures(ran: Path):
     assert "90.30%" in text and "92.22%" in text  # the seed's test and train accuracy
     assert "(0.76)" in text and "Shirt" in text
     assert "600 training" in text
+    # Every number comes from this run's params and metrics: its 1,000-image validation split.
+    assert "validation split is 1,000 images" in text and "6,000" not in text
+    # One line per paragraph or list item: the Prefect UI renders each newline as a break.
+    section = text.split("## Why these figures differ from the seed's\n")[1].split("\n\n")[0]
+    assert all(line.startswith("- **") for line in section.splitlines())
 
 
 def test_report_tables_are_published_as_prefect_artifacts(ran: Path):
@@ -111,7 +117,14 @@ def test_report_tables_are_published_as_prefect_artifacts(ran: Path):
                      artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
                  for key in ("fashionnet-report", "fashionnet-per-class")}
     assert found["fashionnet-report"][0].type == "markdown"
-    assert "90.30%" in found["fashionnet-report"][0].data
+    artifact = found["fashionnet-report"][0].data
+    assert "90.30%" in artifact
+    # The figures travel inside the artifact: the UI's browser cannot reach reports/.
+    for title, figure in (("Learning curves", paths.LEARNING_CURVES),
+                          ("Test confusion matrix", paths.CONFUSION_MATRIX)):
+        png = base64.b64encode((ran / figure).read_bytes()).decode()
+        assert f"![{title}](data:image/png;base64,{png})" in artifact
+    assert ".png)" not in artifact
     assert found["fashionnet-per-class"][0].type == "table"
 
 
