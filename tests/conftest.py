@@ -6,8 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import yaml
@@ -18,6 +20,7 @@ from fashionnet.idx import RAW_FILES, load_raw
 from pipeline.prefect_server import prefect_server
 from tests.servers import authed_prefect, git_remote, s3  # noqa: F401 (fixtures for all tests)
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts: fashionnet, dvc, prefect
 
@@ -128,3 +131,13 @@ def set_params(repo: Path, **changes: object) -> None:
         section, key = dotted.split(".")
         params[section][key] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``condition`` until it returns something true (returned), for a named event; fail
+    naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return result

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from fashionnet.split import SplitConfig
 from pipeline import paths
-from tests.conftest import REPO, set_params
+from tests.conftest import REPO, set_params, wait_for
 from tests.test_resume import prepare
 
 PROBE = ("import os, sys, urllib.request; url = os.environ['PREFECT_API_URL']; "
@@ -68,14 +67,6 @@ def session_processes(sid: int) -> dict[int, str]:
         if int(session) == sid and state != "Z":
             found[int(entry.name)] = cmdline
     return found
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return result
 
 
 @pytest.mark.slow

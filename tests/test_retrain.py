@@ -34,7 +34,7 @@ from pipeline.retrain import (
     override_args,
     summary_markdown,
 )
-from tests.conftest import BIN, REPO, copy_repo, git, repo_env, set_params
+from tests.conftest import BIN, REPO, copy_repo, git, repo_env, set_params, wait_for
 
 ARTIFACTS = {"fashionnet-retrain-summary", "fashionnet-retrain-per-class",
              "fashionnet-retrain-report"}
@@ -186,14 +186,6 @@ def retrains(repo: Path, baseline: str = "HEAD") -> dict[str, dict]:
     """`dvc exp show`'s rows of the retrain experiments run on ``baseline``, by name."""
     return {row["Experiment"]: row for row in dvc.api.exp_show(repo=str(repo), revs=baseline)
             if (row.get("Experiment") or "").startswith("retrain-")}
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-    return result
 
 
 @dataclass(frozen=True)
