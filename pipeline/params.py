@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.constructor import DuplicateKeyError
 
 from fashionnet.errors import ConfigError
 from fashionnet.split import SplitConfig
@@ -79,28 +81,6 @@ class Params(BaseModel):
     retrain: RetrainConfig = RetrainConfig()
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: object, line: int) -> None:
-        self.key, self.line = key, line
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last,
-    silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable):
-                if key in seen:
-                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
-                seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
@@ -121,17 +101,20 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
     path = Path(path)
     overrides = dict(overrides or {})
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # a SafeLoader
+        # ruamel.yaml, as DVC reads params.yaml (YAML 1.2), refuses a key given twice in one
+        # mapping, which PyYAML would silently resolve to the last.
+        raw = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(str(path), "file not found (run from the repository root)") from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), "is not UTF-8 text") from None
     except OSError as e:
         raise ConfigError(str(path), f"cannot be read: {e.strerror}") from None
-    except _DuplicateKey as e:
-        raise ConfigError(str(path), f"key {e.key!r} appears twice in one section "
-                                     f"(line {e.line})") from None
-    except yaml.YAMLError as e:
+    except DuplicateKeyError as e:
+        key = re.match(r'found duplicate key "(.*?)"', e.problem or "")
+        raise ConfigError(str(path), f"key {key[1] if key else '?'!r} appears twice in one "
+                                     f"section (line {e.problem_mark.line + 1})") from None
+    except YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise ConfigError(str(path), f"not valid YAML{line}") from None
