@@ -1,16 +1,14 @@
-"""kill -9 of a training process at several points, then a rerun: history and weights end bit
+"""kill -9 of a training process at named points, then a rerun: history and weights end bit
 for bit where an uninterrupted run ends. Also `fashionnet train` itself, killed and rerun, and
 stopped by a diverging loss."""
 
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from fashionnet.checkpoint import read_checkpoint
 from fashionnet.data import save_split
 from fashionnet.split import SplitConfig, stratified_split
 from pipeline import paths
-from tests.conftest import REPO, set_params
+from tests.conftest import REPO, set_params, wait_for
 from tests.train_child import CFG
 
 STEPS_PER_EPOCH = 10  # 240 images in batches of 24
@@ -61,11 +59,9 @@ def reference(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("reference")
     for split in ("train.npz", "val.npz"):
         shutil.copy(prepared / split, work / split)
-    start = time.monotonic()
     result = child(work)
     assert result.returncode == 0, result.stderr
-    return {**torch.load(work / "result.pt", weights_only=True),
-            "seconds": time.monotonic() - start}
+    return torch.load(work / "result.pt", weights_only=True)
 
 
 def assert_identical(result: dict, reference: dict) -> None:
@@ -106,19 +102,16 @@ def test_killed_again_and_again_ends_identical(prepared, reference, tmp_path):
     assert_identical(torch.load(work / "result.pt", weights_only=True), reference)
 
 
-def test_killed_at_a_random_moment_ends_identical(prepared, reference, tmp_path):
+@pytest.mark.parametrize("point", ["step:3", "validate:2"])
+def test_killed_before_a_checkpoint_ends_identical(prepared, reference, tmp_path, point):
+    """Killed before any checkpoint exists (step 3 of epoch 1), or after an epoch's last step
+    but before its checkpoint (epoch 2's validation): the rerun redoes that epoch."""
     work = fresh(prepared, tmp_path, "work")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "tests.train_child", str(work)], cwd=REPO,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Anywhere from start-up to the last epoch: the result must not depend on where.
-    delay = random.uniform(0.5, reference["seconds"])
-    print(f"killed after {delay:.2f} s")  # shown if the test fails
-    try:
-        process.wait(timeout=delay)
-    except subprocess.TimeoutExpired:
-        process.kill()  # SIGKILL
-        process.wait()
+    killed(work, point)
+    if point.startswith("step"):
+        assert not (work / "checkpoints" / "train.pt").exists()
+    else:
+        assert checkpoint_epoch(work) == 1
     run = child(work)
     assert run.returncode == 0, run.stderr
     assert_identical(torch.load(work / "result.pt", weights_only=True), reference)
@@ -153,10 +146,10 @@ def test_fashionnet_train_killed_and_rerun_matches_an_uninterrupted_run(repo_cop
 
     process = subprocess.Popen(["fashionnet", "train"], cwd=repo_copy, env=cli_env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (repo_copy / paths.CHECKPOINT).exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.uniform(0, 0.15))  # somewhere in epoch 2, most likely
+    # Killed the moment the checkpoint of epoch 1 is on disk (renamed into place whole):
+    # in epoch 2, three epochs before the run could end.
+    wait_for((repo_copy / paths.CHECKPOINT).exists, 120, "the checkpoint of epoch 1",
+             interval=0.005)
     process.kill()
     assert process.wait() == -9
     assert not (repo_copy / paths.MODEL).exists() and not (repo_copy / paths.HISTORY).exists()

@@ -4,6 +4,8 @@ with SIGKILL at a chosen point. ``python -m tests.train_child WORK [POINT]``, PO
 - ``after-save:K``  just after checkpoint K is on disk
 - ``mid-save:K``    while checkpoint K is being written: half its bytes in the temporary file
 - ``step:S``        just after optimizer step S of this process (mid-epoch)
+- ``validate:K``    at the start of the validation pass of the K-th epoch this process trains,
+                    before its checkpoint
 
 Writes WORK/result.pt (history and weights) when it is not killed.
 """
@@ -69,6 +71,18 @@ def arm(point: str) -> None:
             return result
 
         torch.optim.AdamW.step = step_then_die
+    elif kind == "validate":
+        evaluate = train_module.evaluate
+        calls = 0
+
+        def die_at_validation(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == n:
+                die()
+            return evaluate(*args, **kwargs)
+
+        train_module.evaluate = die_at_validation
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 
