@@ -33,6 +33,7 @@ def test_bad_params_exit_2_naming_the_key(repo_copy, cli_env, key, value):
     assert_bad_input(run(repo_copy, cli_env, "train"), "params.yaml", key)
 
 
+@pytest.mark.slow
 def test_bad_and_missing_data_files_exit_2_naming_the_file(repo_copy, cli_env, raw_dir):
     assert_bad_input(run(repo_copy, cli_env, "split"),
                      "data/raw/train-images-idx3-ubyte", "file not found")
@@ -53,6 +54,7 @@ def test_bad_and_missing_data_files_exit_2_naming_the_file(repo_copy, cli_env, r
     assert not (repo_copy / "data" / "prepared").exists()
 
 
+@pytest.mark.slow
 def test_missing_or_damaged_stage_inputs_exit_2_naming_the_file(repo_copy, cli_env):
     # Nothing ran before: each stage names the file it lacks.
     assert_bad_input(run(repo_copy, cli_env, "report"), "metrics/history.csv", "file not found")

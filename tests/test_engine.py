@@ -167,6 +167,7 @@ def test_precision_choice(monkeypatch):
         probe.cache_clear()
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(raw_dir):
     result = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--raw-dir", str(raw_dir),

@@ -34,6 +34,7 @@ def isolated_env(tmp_path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_command_runs_against_a_server_that_stops_after_it(tmp_path):
     result = run(isolated_env(tmp_path))
     assert result.returncode == 3, result.stderr  # the command's own exit status

@@ -83,6 +83,7 @@ def killed(work: Path, point: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+@pytest.mark.slow
 def test_killed_again_and_again_ends_identical(prepared, reference, tmp_path):
     work = fresh(prepared, tmp_path, "work")
     killed(work, "after-save:1")  # between epochs 1 and 2
@@ -102,6 +103,7 @@ def test_killed_again_and_again_ends_identical(prepared, reference, tmp_path):
     assert_identical(torch.load(work / "result.pt", weights_only=True), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["step:3", "validate:2"])
 def test_killed_before_a_checkpoint_ends_identical(prepared, reference, tmp_path, point):
     """Killed before any checkpoint exists (step 3 of epoch 1), or after an epoch's last step
@@ -130,6 +132,7 @@ def fashionnet_train(repo: Path, env: dict[str, str]) -> subprocess.CompletedPro
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_fashionnet_train_killed_and_rerun_matches_an_uninterrupted_run(repo_copy, cli_env,
                                                                         official):
     split = SplitConfig(val_size=100, limit=400)
@@ -165,6 +168,7 @@ def test_fashionnet_train_killed_and_rerun_matches_an_uninterrupted_run(repo_cop
     assert not (repo_copy / paths.CHECKPOINT).exists()
 
 
+@pytest.mark.slow
 def test_diverging_training_exits_1_naming_epoch_and_step_and_writes_no_model(repo_copy,
                                                                               cli_env, official):
     split = SplitConfig(val_size=100, limit=200)

@@ -72,6 +72,7 @@ def test_committed_seeds_file_has_the_flows_columns():
     assert header.split(",") == COLUMNS
 
 
+@pytest.mark.slow
 def test_seeds_cli_refuses_bad_arguments_before_queueing(repo_copy: Path, cli_env):
     for args, message in ((["--jobs", "0"], "below 1"), (["x"], "invalid int value"),
                           (["--", "-1"], "train.seed")):
@@ -141,6 +142,7 @@ def test_a_failed_seed_run_fails_and_changes_nothing(tmp_path, prefect_api, raw_
     assert not (repo / "dvc.lock").exists() and not (repo / paths.METRICS_JSON).exists()
 
 
+@pytest.mark.slow
 def test_uncommitted_changes_are_refused_before_anything_is_queued(repo_copy, cli_env):
     readme = repo_copy / "README.md"
     readme.write_text(readme.read_text() + "\nwork in progress\n")
