@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# OpenMP threads that sleep while they wait instead of spinning: on a shared machine a spinning
+# thread waits on a descheduled partner, and a 2-epoch test run took 10 s instead of 1.6 s
+# (docs/performance.md, Threads). Set before torch loads libgomp; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import shutil
 import subprocess
 import sys
