@@ -115,6 +115,19 @@ def test_dvc_repro_end_to_end(repo_copy: Path, cli_env: dict[str, str], raw_dir:
     assert "up to date" in dvc(repo_copy, cli_env, "status")
     assert "Running stage" not in dvc(repo_copy, cli_env, "repro")
 
+    # A new message in the IDX parser: download and split, which read IDX files, are stale;
+    # train, whose code does not include the parser, is not (no retraining for a message).
+    idx = repo_copy / "fashionnet" / "idx.py"
+    original = idx.read_text()
+    edited = original.replace('"file not found (run `fashionnet download`)"',
+                              '"is missing: run `fashionnet download` first"')
+    assert edited != original
+    idx.write_text(edited)
+    assert json.loads(dvc(repo_copy, cli_env, "status", "train", "--json")) == {}
+    stale = json.loads(dvc(repo_copy, cli_env, "status", "--json"))
+    assert set(stale) == {"download", "split"}, stale
+    idx.write_text(original)
+
     # A new learning rate reruns train and what follows it, and shows in `dvc metrics diff`.
     git(repo_copy, "add", "-A")
     git(repo_copy, "commit", "-qm", "baseline")
