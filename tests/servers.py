@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from pipeline.prefect_server import free_port, prefect_server
+from pipeline.prefect_server import stop as stop_pid
 
 BIN = Path(sys.executable).parent
 STOP_TIMEOUT = 20.0  # seconds between SIGINT and SIGKILL
@@ -55,13 +56,7 @@ def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_pid(proc, timeout)
     for child in children:  # by PID, each one this process started
         try:
             child.send_signal(signal.SIGINT)
