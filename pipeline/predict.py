@@ -92,8 +92,7 @@ def run(paths: Sequence[str], model: str | os.PathLike[str], top: int = 3,
     table = rows(read.sources, classify(read.prepared, net, device, dtype), top)
     fmt = fmt or ("table" if out.isatty() else "csv")
     if fmt == "json":
-        json.dump(table, out, indent=1)
-        out.write("\n")
+        out.write(json.dumps(table, indent=1) + "\n")  # to a stream, not a file by path
     elif fmt == "csv":
         write_csv(table, top, out)
     else:

@@ -75,7 +75,11 @@ def test_pool_without_a_server_is_refused(argv, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setattr(cli, "_configure_prefect", lambda: None)  # no global logging set-up
-    assert cli.main(argv) == 2
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Another test's Prefect test harness may have set an API URL for the whole session.
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert cli.main(argv) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"fashionnet {argv[0]}: error: --pool: needs the Prefect server of the pool's workers: "
         "set PREFECT_API_URL (and PREFECT_API_AUTH_STRING)"]
