@@ -7,11 +7,21 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from torch import nn
 from torch.nn import functional as F
 
 from fashionnet.data import CLASSES, LabeledImages
 from fashionnet.inference import EVAL_BATCH, map_batches
+
+
+class EvaluateConfig(BaseModel):
+    """How the evaluate stage predicts; the default is the seed's (one view per image)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tta: StrictBool = Field(False, description="test-time augmentation: average the class "
+                            "probabilities of each image and its mirror image")
 
 
 @dataclass(frozen=True)
@@ -24,11 +34,16 @@ class SplitResult:
 
 
 def evaluate(model: nn.Module, data: LabeledImages, device: torch.device | str = "cpu",
-             batch_size: int = EVAL_BATCH, dtype: torch.dtype = torch.float32) -> SplitResult:
+             batch_size: int = EVAL_BATCH, dtype: torch.dtype = torch.float32,
+             tta: bool = False) -> SplitResult:
     """Evaluate ``model`` on the whole of ``data`` in eval mode, through the engine's batch
     loop (:func:`fashionnet.inference.map_batches`: BatchNorm folded, fused kernels, batches
-    in parallel on a CPU); the model's training mode is restored afterwards."""
+    in parallel on a CPU); the model's training mode is restored afterwards. With ``tta``
+    each image is also seen mirrored left to right and the two views' class probabilities
+    are averaged: the loss is the cross-entropy of that average, the prediction its argmax."""
     device = torch.device(device)
+    if tta:
+        return _evaluate_two_views(model, data, device, batch_size, dtype)
 
     def step(logits: torch.Tensor, batch: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed cross-entropy, predictions) of one batch."""
@@ -48,6 +63,24 @@ def evaluate(model: nn.Module, data: LabeledImages, device: torch.device | str =
         accuracy=float((predictions == labels).mean()),
         predictions=predictions,
     )
+
+
+def _evaluate_two_views(model: nn.Module, data: LabeledImages, device: torch.device,
+                        batch_size: int, dtype: torch.dtype) -> SplitResult:
+    """:func:`evaluate` with flip test-time augmentation."""
+
+    def probabilities(logits: torch.Tensor, batch: slice) -> torch.Tensor:
+        return logits.float().softmax(1)  # (B, 10)
+
+    views = [torch.cat(map_batches(model, images, probabilities, device, dtype, batch_size))
+             for images in (data.images, data.images.flip(-1))]  # the mirror: a (N, 28, 28) copy
+    mean = (views[0] + views[1]) / 2
+    labels = data.labels.to(device)
+    loss = F.nll_loss(mean.log(), labels, reduction="sum").double().item()
+    predictions = mean.argmax(1).cpu().numpy()
+    return SplitResult(loss=loss / len(data),
+                       accuracy=float((predictions == data.labels.numpy()).mean()),
+                       predictions=predictions)
 
 
 def per_class_report(labels: np.ndarray, predictions: np.ndarray) -> pd.DataFrame:

@@ -1,4 +1,6 @@
-"""Training: AdamW (amsgrad), cross-entropy and StepLR over in-memory tensors."""
+"""Training: AdamW (amsgrad), cross-entropy and StepLR over in-memory tensors (the seed's
+recipe), with optional recipe options: flips, translations, label smoothing, a cosine or
+one-cycle schedule, an EMA of the weights, BatchNorm recalibration (see docs/recipe.md)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from fashionnet.augment import FLIPS, EpochAugment, draw_epoch
 from fashionnet.checkpoint import fingerprint, resumable, save_checkpoint
 from fashionnet.config import Number, Seed
 from fashionnet.data import LabeledImages, to_input
@@ -42,6 +46,18 @@ class TrainConfig(BaseModel):
     seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # see runtime.resolve_precision
+    # Recipe options beyond the seed's; each default is the seed's recipe (docs/recipe.md).
+    schedule: Literal["step", "cosine", "onecycle"] = Field(
+        "step", description="step: StepLR(step_size, gamma) per epoch; cosine: cosine decay "
+        "from lr to 0 per step; onecycle: OneCycleLR up to lr and down, per step")
+    flip: Literal[FLIPS] = Field(  # type: ignore[valid-type]
+        "none", description="horizontal flip: none, random (p=1/2), alternate (airbench)")
+    translate: StrictInt = Field(0, ge=0, le=4, description="max shift in pixels, zero fill")
+    label_smoothing: Number = Field(0.0, ge=0, lt=1)
+    ema: Number = Field(0.0, ge=0, lt=1, description="per-step decay of an exponential moving "
+                        "average of the weights, which becomes the model; 0 = off")
+    bn_recalibrate: StrictBool = Field(False, description="after training, recompute BatchNorm "
+                                       "running statistics over the train split, dropout off")
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,10 @@ class NonFiniteLoss(FloatingPointError):
 
 def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torch.Tensor,
                 y_all: torch.Tensor, order: torch.Tensor, batch_size: int,
-                desc: str = "", dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+                desc: str = "", dtype: torch.dtype = torch.float32,
+                augment: EpochAugment | None = None, label_smoothing: float = 0.0,
+                step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                ema: AveragedModel | None = None) -> tuple[float, int]:
     """One pass over ``x_all[order]`` in batches; returns (summed loss, correct predictions)
     over the epoch, measured in training mode on the fly. Raises NonFiniteLoss naming the
     first step whose loss was NaN or infinite.
@@ -82,6 +101,8 @@ def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torc
     ``x_all`` is the whole split as uint8 (N, 28, 28) on the model's device and ``order`` a
     permutation on that device: each batch is gathered and scaled on the device, with no
     DataLoader and no host round trip. With ``dtype`` bfloat16 the step runs under autocast.
+    ``augment`` transforms each uint8 batch on the device; ``step_scheduler`` and ``ema`` are
+    stepped after every optimizer step.
     """
     retain_freed_memory()
     model.train()
@@ -94,13 +115,20 @@ def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torc
               disable=not sys.stderr.isatty()) as bar:
         for step, i in enumerate(range(0, len(order), batch_size)):
             idx = order[i : i + batch_size]
-            x, y = to_input(x_all[idx]), y_all[idx]  # (B, 1, 28, 28) float, (B,)
+            images = x_all[idx]  # (B, 28, 28) uint8
+            if augment is not None:
+                images = augment(images, slice(i, i + batch_size))
+            x, y = to_input(images), y_all[idx]  # (B, 1, 28, 28) float, (B,)
             with autocast(device, dtype):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if step_scheduler is not None:
+                step_scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss.detach() * len(idx)  # on the device: no sync per step
             step_loss[step] = loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
@@ -119,8 +147,13 @@ def train(
     cfg: TrainConfig,
     checkpoint: str | os.PathLike[str] | None = None,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    on_trained: Callable[[FashionNet], None] | None = None,
 ) -> list[EpochStats]:
-    """Train ``model`` in place with the seed's recipe; one :class:`EpochStats` per epoch.
+    """Train ``model`` in place with the recipe ``cfg``; one :class:`EpochStats` per epoch.
+
+    With ``cfg.ema`` the model ends with the averaged weights (validated each epoch in their
+    place); with ``cfg.bn_recalibrate`` its BatchNorm running statistics are then recomputed.
+    ``on_trained`` sees the trained (online) weights before either replaces them.
 
     With ``checkpoint``, everything the rest of the run depends on is saved there after each
     epoch, and a checkpoint left by an interrupted run with the same params, data, code and
@@ -135,11 +168,11 @@ def train(
     model.to(device, memory_format=torch.channels_last)  # the fast layout for the convolutions
     dtype = resolve_precision(cfg.precision, device)
     initial = copy.deepcopy(model.state_dict())
-    optimizer, scheduler, generators = _fresh_run(model, cfg, device)
     x_all = train_set.images.to(device)  # uint8 (N, 28, 28): 42 MB for 54,000 images
     y_all = train_set.labels.to(device)
     n = len(train_set)
     steps = -(-n // cfg.batch_size)
+    run_state = _fresh_run(model, cfg, device, steps)
     history: list[EpochStats] = []
     if checkpoint is not None:
         run = fingerprint({**cfg.model_dump(exclude={"device"}), "precision": str(dtype)},
@@ -148,7 +181,7 @@ def train(
         saved = resumable(checkpoint, run)
         if saved is not None:
             try:
-                history = _restore(saved, model, optimizer, scheduler, generators, cfg.epochs)
+                history = _restore(saved, model, run_state, cfg.epochs)
                 log.info("%s: resuming after epoch %d of %d", checkpoint, len(history),
                          cfg.epochs)
                 for stats in history if on_epoch is not None else ():
@@ -158,20 +191,31 @@ def train(
                 log.warning("%s: ignored, it does not fit this run (%s); training from scratch",
                             checkpoint, e)
                 model.load_state_dict(initial)
-                optimizer, scheduler, generators = _fresh_run(model, cfg, device)
+                run_state = _fresh_run(model, cfg, device, steps)
+    optimizer, scheduler, generators, ema = run_state
+    # Which images alternate flipping odd/even epochs: a function of the seed alone, so it
+    # needs no place in the checkpoint.
+    alternate_base = (torch.rand(n, generator=torch.Generator().manual_seed(
+        _derived_seed(cfg.seed, 2))) < 0.5) if cfg.flip == "alternate" else None
+    per_step = cfg.schedule != "step"
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         order = torch.randperm(n, generator=generators["shuffle"]).to(device)
+        augment = draw_epoch(cfg.flip, cfg.translate, order, epoch, generators["augment"],
+                             alternate_base, device)
         try:
-            loss_sum, correct = train_epoch(model, optimizer, x_all, y_all, order,
-                                            cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}",
-                                            dtype=dtype)
+            loss_sum, correct = train_epoch(
+                model, optimizer, x_all, y_all, order, cfg.batch_size,
+                desc=f"epoch {epoch}/{cfg.epochs}", dtype=dtype, augment=augment,
+                label_smoothing=cfg.label_smoothing,
+                step_scheduler=scheduler if per_step else None, ema=ema)
         except NonFiniteLoss as e:
             raise FloatingPointError(f"training diverged at epoch {epoch}, step {e.step} of "
                                      f"{steps}: the loss is {e.loss}") from None
-        scheduler.step()
-        val = evaluate(model, val_set, device, dtype=dtype)
+        if not per_step:
+            scheduler.step()
+        val = evaluate(model if ema is None else ema.module, val_set, device, dtype=dtype)
         if not math.isfinite(val.loss):
             raise FloatingPointError(f"training diverged at epoch {epoch}: the validation "
                                      f"loss is {val.loss}")
@@ -179,38 +223,97 @@ def train(
                            time.perf_counter() - start)
         history.append(stats)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, _snapshot(history, model, optimizer, scheduler,
-                                                  generators), run)
+            save_checkpoint(checkpoint, _snapshot(history, model, run_state), run)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.1e  %.1fs",
                  epoch, cfg.epochs, stats.train_loss, stats.train_accuracy, stats.val_loss,
                  stats.val_accuracy, lr, stats.seconds)
         if on_epoch is not None:
             on_epoch(stats)
+    if on_trained is not None:
+        on_trained(model)
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
+    if cfg.bn_recalibrate:
+        recalibrate_batchnorm(model, x_all, dtype=dtype)
     model.to(memory_format=torch.contiguous_format)  # plain strides in the saved state_dict
     return history
 
 
-def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device) -> tuple[
-        torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, dict[str, torch.Generator]]:
-    """The optimizer, scheduler and seeded random streams of a run at its start."""
+RECALIBRATION_BATCH = 1000  # images per batch: each batch's variance is near the population's
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: FashionNet, images: torch.Tensor,
+                          batch_size: int = RECALIBRATION_BATCH,
+                          dtype: torch.dtype = torch.float32) -> None:
+    """Recompute every BatchNorm's running mean and variance over ``images`` (N, 28, 28) uint8
+    on the model's device, with dropout off, as the eval-mode network sees its inputs; nothing
+    else in the model changes. Training's statistics come with dropout on, which inflates the
+    variance reaching bn2 (dropout sits between bn1 and conv2).
+
+    Written here rather than with ``torch.optim.swa_utils.update_bn``, which sets the whole
+    model to training mode and so would recompute the statistics with dropout on.
+    """
+    was_training = model.training
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    model.eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches, equally weighted
+        bn.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            with autocast(images.device, dtype):
+                model(to_input(images[start : start + batch_size]))
+    finally:
+        for bn, momentum in zip(norms, momenta, strict=True):
+            bn.momentum = momentum
+        model.train(was_training)
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """A seed for the run's ``stream``-th extra random stream, apart from ``seed``'s own
+    (two generators with the same seed would draw the same numbers)."""
+    return (seed * 0x9E3779B1 + stream * 0x85EBCA77) % 2**63  # golden-ratio hashing
+
+
+RunState = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+                 dict[str, torch.Generator], AveragedModel | None]
+
+
+def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device,
+               steps: int) -> RunState:
+    """The optimizer, scheduler, seeded random streams and weight average of a run at its
+    start; ``steps`` is the number of optimizer steps per epoch."""
     torch.manual_seed(cfg.seed)  # the default generators: dropout masks
     # Every random stream training draws from, saved and restored with each checkpoint.
     generators = {"torch": torch.default_generator,
-                  "shuffle": torch.Generator().manual_seed(cfg.seed)}
+                  "shuffle": torch.Generator().manual_seed(cfg.seed),
+                  "augment": torch.Generator().manual_seed(_derived_seed(cfg.seed, 1))}
     if device.type == "cuda":
         generators["cuda"] = torch.cuda.default_generators[
             device.index if device.index is not None else torch.cuda.current_device()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
-    return optimizer, scheduler, generators
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    if cfg.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps)
+    elif cfg.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,
+                                                        total_steps=cfg.epochs * steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
+    # The buffers too: the average's BatchNorm statistics then follow its weights.
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+           if cfg.ema > 0 else None)
+    return optimizer, scheduler, generators, ema
 
 
-def _snapshot(history: list[EpochStats], model: FashionNet, optimizer: torch.optim.Optimizer,
-              scheduler: torch.optim.lr_scheduler.LRScheduler,
-              generators: dict[str, torch.Generator]) -> dict:
+def _snapshot(history: list[EpochStats], model: FashionNet, run_state: RunState) -> dict:
     """Everything the rest of a run depends on, after epoch ``len(history)``."""
-    return {
+    optimizer, scheduler, generators, ema = run_state
+    snapshot = {
         "epoch": len(history),
         "history": [vars(s) for s in history],
         "model": model.state_dict(),
@@ -218,15 +321,20 @@ def _snapshot(history: list[EpochStats], model: FashionNet, optimizer: torch.opt
         "scheduler": scheduler.state_dict(),
         "rng": {name: g.get_state() for name, g in generators.items()},
     }
+    if ema is not None:
+        snapshot["ema"] = ema.state_dict()
+    return snapshot
 
 
-def _restore(saved: dict, model: FashionNet, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler,
-             generators: dict[str, torch.Generator], epochs: int) -> list[EpochStats]:
+def _restore(saved: dict, model: FashionNet, run_state: RunState,
+             epochs: int) -> list[EpochStats]:
     """Load a :func:`_snapshot` into the run's objects; returns the history so far."""
+    optimizer, scheduler, generators, ema = run_state
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(saved["ema"])
     for name, generator in generators.items():
         generator.set_state(saved["rng"][name])
     history = [EpochStats(**row) for row in saved["history"]]
