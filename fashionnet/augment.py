@@ -56,7 +56,7 @@ class EpochAugment:
 
 
 def draw_epoch(flip: str, max_shift: int, order: torch.Tensor, epoch: int,
-               generator: torch.Generator, alternate_base: torch.Tensor | None,
+               generator: torch.Generator | None, alternate_base: torch.Tensor | None,
                device: torch.device) -> EpochAugment | None:
     """The epoch's augmentation draws for the images in ``order`` (N,), or None with nothing on.
 

@@ -225,6 +225,68 @@ def sweep_markdown(sweep: pd.DataFrame | None) -> str:
             "reports.\n\n" + _table(sweep_table(sweep)))
 
 
+def _mean_std(values: pd.Series) -> str:
+    """Percentages as mean ± standard deviation (n - 1); a single run has no spread."""
+    values = values * 100
+    return (f"{values.mean():.2f} ± {values.std(ddof=1):.2f}%" if len(values) > 1
+            else f"{values.mean():.2f}% (one run)")
+
+
+def recipe_comparison_table(seed_runs: pd.DataFrame, recipe_runs: pd.DataFrame,
+                            name: str) -> pd.DataFrame:
+    """The seed recipe's runs (metrics/seeds.csv) and the named recipe's (metrics/seeds-NAME.csv)
+    side by side: mean ± std of validation and test accuracy, mean training time per run."""
+    rows = []
+    for label, runs in (("seed recipe", seed_runs), (f"named recipe `{name}`", recipe_runs)):
+        epochs = sorted({int(e) for e in runs["epochs"]})
+        rows.append({"recipe": label, "seeds": len(runs),
+                     "epochs": ", ".join(map(str, epochs)),
+                     "validation": _mean_std(runs["val_accuracy"]),
+                     "test": _mean_std(runs["test_accuracy"]),
+                     "training time per run": _duration(runs["train_seconds"].mean())})
+    return pd.DataFrame(rows)
+
+
+def recall_comparison_table(seed_report: pd.DataFrame, recipe_recall: pd.DataFrame,
+                            name: str) -> pd.DataFrame:
+    """Test recall per class: this report's run of the seed recipe (its
+    classification_report.csv) beside the named recipe's mean ± std over its seeds."""
+    seed = seed_report.set_index("class")["recall"]
+    rows = []
+    for cls in CLASSES:
+        recall = recipe_recall[cls]
+        rows.append({"class": cls, "seed recipe, this report's run": f"{seed[cls]:.3f}",
+                     f"`{name}`, mean ± std": (f"{recall.mean():.3f} ± {recall.std(ddof=1):.3f}"
+                                               if len(recall) > 1 else f"{recall.mean():.3f}"),
+                     "difference": f"{recall.mean() - seed[cls]:+.3f}"})
+    return pd.DataFrame(rows)
+
+
+def recipe_comparison_markdown(name: str, overrides: Mapping[str, object] | None,
+                               seed_runs: pd.DataFrame | None,
+                               recipe_runs: pd.DataFrame | None,
+                               recipe_recall: pd.DataFrame | None,
+                               seed_report: pd.DataFrame) -> str:
+    """The report's section on the seed recipe against the named recipe ``name``."""
+    how = (f"`fashionnet seeds --recipe recipes/{name}.yaml` runs it once per seed as DVC "
+           f"experiments `{name}-seed-N` and records them in metrics/seeds-{name}.csv.")
+    if recipe_runs is None or recipe_runs.empty:
+        return f"No run of the named recipe `{name}` is recorded yet: {how}"
+    changes = ", ".join(f"`{k}: {v}`" for k, v in (overrides or {}).items()) or "(unknown)"
+    text = (f"The same network (139,754 parameters, dropout 0.5) trained with the named recipe "
+            f"`{name}`, chosen on validation accuracy alone (docs/recipe.md): {changes}. "
+            f"{how} Standard deviation over runs, n - 1.\n\n")
+    if seed_runs is None or seed_runs.empty:
+        text += "(metrics/seeds.csv has no runs of the seed recipe to compare with.)\n\n"
+        seed_runs = recipe_runs.iloc[0:0]
+    text += _table(recipe_comparison_table(seed_runs, recipe_runs, name).loc[
+        lambda t: t["seeds"] > 0])
+    if recipe_recall is not None and not recipe_recall.empty:
+        text += ("\n\nTest recall per class.\n\n"
+                 + _table(recall_comparison_table(seed_report, recipe_recall, name)))
+    return text
+
+
 def differences_markdown(accuracy: Mapping[str, float], test_images: int,
                          val_images: int) -> str:
     """Why this project's figures and the seed's cannot match exactly. One line per paragraph:
@@ -268,17 +330,21 @@ def render_markdown(accuracy: pd.DataFrame, report: pd.DataFrame,
                     figures: Mapping[str, str], run: Mapping[str, str],
                     seeds: pd.DataFrame | None = None,
                     recipe: Mapping[str, int] | None = None,
-                    sweep: pd.DataFrame | None = None, *, val_images: int) -> str:
+                    sweep: pd.DataFrame | None = None, comparison: str | None = None, *,
+                    val_images: int) -> str:
     """The report's markdown: what was run, the accuracy and per-class tables, the spread
     over training seeds (``seeds``, metrics/seeds.csv; ``recipe``: this run's epochs and
-    limit), the last sweep (``sweep``, metrics/sweep.csv), why the figures differ from the
-    seed's (``val_images``: the validation split's size), the figures (``figures``: title ->
-    image URL, a relative path or a data: URI)."""
+    limit), the seed recipe against the named one (``comparison``, from
+    :func:`recipe_comparison_markdown`), the last sweep (``sweep``, metrics/sweep.csv), why the
+    figures differ from the seed's (``val_images``: the validation split's size), the figures
+    (``figures``: title -> image URL, a relative path or a data: URI)."""
     run_lines = "\n".join(f"- **{key}**: {value}" for key, value in run.items())
     figure_lines = "\n\n".join(f"![{title}]({src})" for title, src in figures.items())
     by_split = accuracy.set_index("split")["accuracy"].to_dict()
     test_images = int(report[report["class"].isin(CLASSES)]["support"].sum())
     seed_images = int(SEED_PER_CLASS["support"].sum())
+    comparison_section = ("" if comparison is None
+                          else f"\n## Seed recipe vs named recipe\n{comparison}\n")
     return f"""# FashionNet report
 
 ## What was run
@@ -298,6 +364,7 @@ images; this project tests on the official {test_images:,}-image test set, \
 
 ## Spread over training seeds
 {seed_spread_markdown(seeds, recipe)}
+{comparison_section}
 
 ## Sweep
 {sweep_markdown(sweep)}

@@ -202,7 +202,7 @@ def train(
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         order = torch.randperm(n, generator=generators["shuffle"]).to(device)
-        augment = draw_epoch(cfg.flip, cfg.translate, order, epoch, generators["augment"],
+        augment = draw_epoch(cfg.flip, cfg.translate, order, epoch, generators.get("augment"),
                              alternate_base, device)
         try:
             loss_sum, correct = train_epoch(
@@ -289,8 +289,9 @@ def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device,
     torch.manual_seed(cfg.seed)  # the default generators: dropout masks
     # Every random stream training draws from, saved and restored with each checkpoint.
     generators = {"torch": torch.default_generator,
-                  "shuffle": torch.Generator().manual_seed(cfg.seed),
-                  "augment": torch.Generator().manual_seed(_derived_seed(cfg.seed, 1))}
+                  "shuffle": torch.Generator().manual_seed(cfg.seed)}
+    if cfg.flip == "random" or cfg.translate > 0:  # flips and shifts
+        generators["augment"] = torch.Generator().manual_seed(_derived_seed(cfg.seed, 1))
     if device.type == "cuda":
         generators["cuda"] = torch.cuda.default_generators[
             device.index if device.index is not None else torch.cuda.current_device()]

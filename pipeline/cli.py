@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads per experiment (default: torch's own); on a "
                             "2-core CPU, --jobs 2 --threads 1 trains fastest")
     seeds.add_argument("--pool", help=POOL_HELP)
+    seeds.add_argument("--recipe", metavar="FILE",
+                       help="a named recipe, e.g. recipes/plus.yaml: its section.key overrides "
+                            "for every run; results to metrics/seeds-NAME.csv, nothing applied")
     sweep = sub.add_parser("sweep", help=SWEEP_HELP, description=SWEEP_HELP)
     sweep.add_argument("-S", "--set-param", dest="grid", action="append", default=[],
                        required=True, metavar="KEY=V1,V2,...",
@@ -208,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 _needs_server(args)
                 seeds_flow(seeds=args.seeds or None, jobs=args.jobs, threads=args.threads,
-                           pool=args.pool)
+                           pool=args.pool, recipe=args.recipe)
             elif args.command == "sweep":
                 from pipeline.sweep import parse_grid, sweep_flow
 

@@ -21,8 +21,8 @@ from pipeline.params import Params
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate-{name}")
 def evaluate_split(model: FashionNet, name: str, data: LabeledImages,
-                   device: torch.device, dtype: torch.dtype) -> SplitResult:
-    return evaluate(model, data, device, dtype=dtype)
+                   device: torch.device, dtype: torch.dtype, tta: bool) -> SplitResult:
+    return evaluate(model, data, device, dtype=dtype, tta=tta)
 
 
 @flow(name="evaluate")
@@ -33,7 +33,7 @@ def evaluate_flow(params: Params) -> dict[str, float]:
     model = load_weights(paths.MODEL, FashionNet())
     model.to(device, memory_format=torch.channels_last)  # the fast layout for the convolutions
     data = {name: load_split(paths.PREPARED[name]) for name in SPLITS}
-    results = {name: evaluate_split(model, name, data[name], device, dtype)
+    results = {name: evaluate_split(model, name, data[name], device, dtype, params.evaluate.tta)
                for name in SPLITS}
     accuracy = {name: r.accuracy for name, r in results.items()}
     loss = {name: r.loss for name, r in results.items()}

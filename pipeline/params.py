@@ -12,6 +12,7 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.constructor import DuplicateKeyError
 
 from fashionnet.errors import ConfigError
+from fashionnet.evaluate import EvaluateConfig
 from fashionnet.split import SplitConfig
 from fashionnet.train import TrainConfig
 
@@ -77,6 +78,7 @@ class Params(BaseModel):
     download: DownloadConfig = DownloadConfig()
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     retrain: RetrainConfig = RetrainConfig()
 
@@ -94,18 +96,14 @@ def _describe(error: dict) -> str:
     return f"{key}: {error['msg']} (got {shown})"
 
 
-def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
-                overrides: Mapping[str, object] | None = None) -> Params:
-    """Read and validate params.yaml with ``overrides`` ({"train.seed": 7}) set on top, as
-    `dvc exp run -S` would; a problem raises ConfigError naming the file or override, and key."""
-    path = Path(path)
-    overrides = dict(overrides or {})
+def _read_yaml(path: Path, missing: str = "file not found") -> object:
+    """A YAML file's content; a problem raises ConfigError naming the file (and line)."""
     try:
         # ruamel.yaml, as DVC reads params.yaml (YAML 1.2), refuses a key given twice in one
         # mapping, which PyYAML would silently resolve to the last.
-        raw = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+        return YAML(typ="safe").load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(str(path), "file not found (run from the repository root)") from None
+        raise ConfigError(str(path), missing) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), "is not UTF-8 text") from None
     except OSError as e:
@@ -118,6 +116,15 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise ConfigError(str(path), f"not valid YAML{line}") from None
+
+
+def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
+                overrides: Mapping[str, object] | None = None) -> Params:
+    """Read and validate params.yaml with ``overrides`` ({"train.seed": 7}) set on top, as
+    `dvc exp run -S` would; a problem raises ConfigError naming the file or override, and key."""
+    path = Path(path)
+    overrides = dict(overrides or {})
+    raw = _read_yaml(path, missing="file not found (run from the repository root)")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -138,3 +145,31 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise ConfigError(f"override {key}" if overridden else f"{path}: {key}",
                           problem + more) from None
+
+
+def load_recipe(path: str | os.PathLike[str],
+                params_path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, object]:
+    """A named recipe: a YAML mapping of ``section.key: value`` overrides of params.yaml, as
+    `dvc exp run -S section.key=value` sets them (recipes/plus.yaml). Returned in file order
+    once they validate on top of ``params_path``; a problem raises ConfigError naming the
+    recipe file and the key."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(str(path), "must be a non-empty mapping of section.key: value "
+                                     "(e.g. train.flip: random)")
+    recipe: dict[str, object] = {}
+    for key, value in raw.items():
+        section, _, name = str(key).partition(".")
+        if not isinstance(key, str) or not section or not name or "." in name:
+            raise ConfigError(f"{path}: {key}", "not a section.key name (e.g. train.flip)")
+        if not (value is None or isinstance(value, str | int | float | bool)):
+            raise ConfigError(f"{path}: {key}", f"must be a single value, got {value!r}")
+        recipe[key] = value
+    try:
+        load_params(params_path, recipe)
+    except ConfigError as e:
+        if not e.key.startswith("override "):
+            raise  # params.yaml itself is at fault: the error names it
+        raise ConfigError(f"{path}: {e.key.removeprefix('override ')}", e.problem) from None
+    return recipe

@@ -17,7 +17,7 @@ from fashionnet.data import CLASSES, HISTORY_COLUMNS, SPLITS
 from fashionnet.errors import DataError
 from fashionnet.files import write_text
 from pipeline import paths
-from pipeline.params import Params
+from pipeline.params import Params, load_recipe
 
 
 def run_description(info: dict, test_images: int) -> dict[str, str]:
@@ -29,8 +29,8 @@ def run_description(info: dict, test_images: int) -> dict[str, str]:
                 f"validation images (split seed {split['seed']}, limit {split['limit']}), "
                 f"official {test_images:,}-image test set",
         "recipe": f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW lr {cfg['lr']} "
-                  f"weight decay {cfg['weight_decay']} amsgrad {cfg['amsgrad']}, StepLR "
-                  f"step {cfg['step_size']} gamma {cfg['gamma']}, seed {cfg['seed']}",
+                  f"weight decay {cfg['weight_decay']} amsgrad {cfg['amsgrad']}, "
+                  + _schedule(cfg) + f", seed {cfg['seed']}" + _options(cfg),
         "machine": f"{info['device']} ({info['cpu']}, {threads}), "
                    f"{info['precision']} compute, torch {info['torch']}",
         "training time": f"{info['seconds']:.0f} s, started {info['started']}",
@@ -49,6 +49,31 @@ def embed_figures(markdown: str, directory: Path) -> str:
         return f"![{match['title']}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
     return _FIGURE.sub(inline, markdown)
+
+
+def _schedule(cfg: dict) -> str:
+    schedule = cfg.get("schedule", "step")  # train_info.json files older than the option
+    if schedule == "step":
+        return f"StepLR step {cfg['step_size']} gamma {cfg['gamma']}"
+    return {"cosine": "cosine decay per step", "onecycle": "one-cycle per step"}[schedule]
+
+
+def _options(cfg: dict) -> str:
+    """The recipe options that are on (docs/recipe.md), or nothing for the seed's recipe."""
+    on = {"flip": cfg.get("flip", "none") != "none", "translate": cfg.get("translate", 0) > 0,
+          "label_smoothing": cfg.get("label_smoothing", 0) > 0, "ema": cfg.get("ema", 0) > 0,
+          "bn_recalibrate": cfg.get("bn_recalibrate", False)}
+    shown = [f"{key} {cfg[key]}" for key, value in on.items() if value]
+    return "; " + ", ".join(shown) if shown else ""
+
+
+def read_recipe_runs(name: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """metrics/seeds-NAME.csv and metrics/seeds-NAME-recall.csv, None where missing or empty."""
+    runs = read_seeds(paths.recipe_seeds(name))
+    path = paths.recipe_recall(name)
+    recall = (report.read_table(path, ["seed", *CLASSES], allow_empty=True)
+              if path.exists() else None)
+    return runs, None if recall is None or recall.empty else recall
 
 
 def read_seeds(path: Path = paths.SEEDS) -> pd.DataFrame | None:
@@ -101,8 +126,13 @@ def report_flow(params: Params) -> Path:
                "Test confusion matrix": paths.CONFUSION_MATRIX.name}
     recipe = {"epochs": info["params"]["train"]["epochs"],
               "limit": info["params"]["split"]["limit"]}
+    name = paths.RECIPE_NAME
+    recipe_file = paths.RECIPES_DIR / f"{name}.yaml"
+    overrides = load_recipe(recipe_file) if recipe_file.exists() else None
+    comparison = report.recipe_comparison_markdown(name, overrides, read_seeds(),
+                                                   *read_recipe_runs(name), per_class)
     markdown = report.render_markdown(accuracy, per_class, figures, run, read_seeds(), recipe,
-                                      read_sweep(), val_images=info["val_images"])
+                                      read_sweep(), comparison, val_images=info["val_images"])
     write_text(paths.REPORT, markdown)
     create_markdown_artifact(embed_figures(markdown, paths.REPORTS_DIR), key="fashionnet-report",
                              description="FashionNet accuracy and per-class report")

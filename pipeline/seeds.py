@@ -14,11 +14,20 @@ for `-S`; when the values are the same, the file's own layout and comments are p
 If a run fails, the flow fails and the workspace and metrics/seeds.csv are left as they were.
 Since `dvc exp apply` overwrites tracked files, the flow refuses to start when tracked files
 have uncommitted changes.
+
+With ``--recipe recipes/NAME.yaml`` (a file of ``section.key: value`` overrides, see
+:func:`pipeline.params.load_recipe`) every experiment also gets the recipe's ``-S`` overrides
+and is named ``NAME-seed-N``; the results go to metrics/seeds-NAME.csv (the columns of
+metrics/seeds.csv) and metrics/seeds-NAME-recall.csv (test recall per class), and nothing is
+applied to the workspace: the committed reproduction stays params.yaml's recipe.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import dvc.api
@@ -28,6 +37,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from fashionnet.data import CLASSES
+from fashionnet.errors import ConfigError
 from fashionnet.files import write_bytes, write_text
 from pipeline import paths
 from pipeline.dvc import (
@@ -37,7 +48,8 @@ from pipeline.dvc import (
     uncommitted_changes,
     workspace_lock,
 )
-from pipeline.params import PARAMS_FILE, load_params
+from pipeline.experiment import set_param_args
+from pipeline.params import PARAMS_FILE, load_params, load_recipe
 
 FLOW_NAME = "fashionnet-seeds"
 COLUMNS = ["seed", "experiment", "train_accuracy", "val_accuracy", "test_accuracy",
@@ -49,18 +61,29 @@ class UncommittedChanges(RuntimeError):
     """Tracked files differ from git HEAD; `dvc exp apply` would overwrite them."""
 
 
-def experiment_name(seed: int) -> str:
-    return f"seed-{seed}"
+def experiment_name(seed: int, recipe: str | None = None) -> str:
+    return f"{recipe}-seed-{seed}" if recipe else f"seed-{seed}"
+
+
+def recipe_name(path: str | Path) -> str:
+    """The name a recipe file's experiments and tables carry: its file name's stem."""
+    name = Path(path).stem
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise ConfigError(str(path), "a recipe's file name must be lowercase letters, digits "
+                                     "and dashes (it names experiments and files)")
+    return name
 
 
 @task(cache_policy=NO_CACHE, task_run_name="queue-seed-{seed}")
-def queue_experiment(seed: int) -> str:
-    """Queue the recipe with ``train.seed`` = ``seed``; a finished experiment of the same name
-    on this commit is replaced."""
-    name = experiment_name(seed)
+def queue_experiment(seed: int, recipe: dict[str, object] | None = None,
+                     recipe_label: str | None = None) -> str:
+    """Queue the recipe (params.yaml with ``recipe``'s overrides) with ``train.seed`` =
+    ``seed``; a finished experiment of the same name on this commit is replaced."""
+    name = experiment_name(seed, recipe_label)
     if name in local_experiments():
         run_dvc("exp", "remove", name)
-    run_dvc("exp", "run", "--queue", "-S", f"train.seed={seed}", "-n", name)
+    run_dvc("exp", "run", "--queue", *set_param_args(recipe or {}), "-S", f"train.seed={seed}",
+            "-n", name)
     return name
 
 
@@ -90,20 +113,35 @@ def seed_row(seed: int, experiment: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def recall_row(seed: int, experiment: dict[str, Any]) -> dict[str, Any]:
+    """The run's test recall per class, from its metrics/classification_report.csv."""
+    report = pd.read_csv(StringIO(dvc.api.read(str(paths.CLASS_REPORT), rev=experiment["rev"])))
+    recall = dict(zip(report["class"], report["recall"], strict=True))
+    return {"seed": seed, "experiment": experiment["Experiment"],
+            **{name: recall[name] for name in CLASSES}}
+
+
 @task(cache_policy=NO_CACHE)
-def collect(seeds: list[int]) -> pd.DataFrame:
-    """One row per seed, from the finished experiments (`dvc exp show`)."""
+def collect(seeds: list[int], recipe_label: str | None = None) -> tuple[pd.DataFrame,
+                                                                          pd.DataFrame]:
+    """One row per seed from the finished experiments (`dvc exp show`): the metrics/seeds.csv
+    columns, and test recall per class."""
     rows = {row.get("Experiment"): row for row in dvc.api.exp_show()}
-    missing = [experiment_name(s) for s in seeds if experiment_name(s) not in rows]
+    names = {s: experiment_name(s, recipe_label) for s in seeds}
+    missing = [name for name in names.values() if name not in rows]
     if missing:
         raise RuntimeError(f"no finished experiment {', '.join(missing)}; "
                            "see `dvc queue logs <name>`")
-    return pd.DataFrame([seed_row(s, rows[experiment_name(s)]) for s in seeds], columns=COLUMNS)
+    frame = pd.DataFrame([seed_row(s, rows[names[s]]) for s in seeds], columns=COLUMNS)
+    recall = pd.DataFrame([recall_row(s, rows[names[s]]) for s in seeds],
+                          columns=["seed", "experiment", *CLASSES])
+    return frame, recall
 
 
 @flow(name=FLOW_NAME)
 def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
-               threads: int | None = None, pool: str | None = None) -> pd.DataFrame:
+               threads: int | None = None, pool: str | None = None,
+               recipe: str | None = None) -> pd.DataFrame:
     """Train the recipe once per seed as DVC experiments; metrics/seeds.csv and the report.
 
     Args:
@@ -113,16 +151,26 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
         pool: a Prefect work pool whose workers run the experiments instead of DVC's local
             queue (pipeline/sweep.py); seeds whose experiment is already on the git remote
             are not run again.
+        recipe: a named recipe file (recipes/NAME.yaml) of overrides: its runs go to
+            metrics/seeds-NAME.csv and metrics/seeds-NAME-recall.csv, nothing is applied.
     """
     logger = get_run_logger()
     params = load_params()
     own = params.train.seed
     seeds = list(dict.fromkeys(seeds or [own, *EXTRA_SEEDS]))
+    overrides, label = {}, None
+    if recipe is not None:
+        label = recipe_name(recipe)
+        overrides = load_recipe(recipe)
+        if "train.seed" in overrides:
+            raise ConfigError(f"{recipe}: train.seed", "is set per run by `fashionnet seeds`; "
+                                                       "remove it from the recipe")
     for seed in seeds:  # validated as params.yaml would be, before anything is queued
-        load_params(overrides={"train.seed": seed})
+        load_params(overrides={**overrides, "train.seed": seed})
     if jobs < 1 or (threads is not None and threads < 1):
         raise ValueError(f"jobs and threads must be at least 1, got {jobs} and {threads}")
-    changed = uncommitted_changes() if own in seeds else []
+    apply = recipe is None and own in seeds
+    changed = uncommitted_changes() if apply else []
     if changed:  # refused now, not after hours of training
         raise UncommittedChanges(f"uncommitted changes to {describe_changes(changed)}: commit "
                                  "or stash them first "
@@ -131,24 +179,30 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
         if pool:
             from pipeline.sweep import run_on_pool
 
-            run_on_pool({experiment_name(s): {"train.seed": s} for s in seeds}, pool)
+            run_on_pool({experiment_name(s, label): {**overrides, "train.seed": s}
+                         for s in seeds}, pool)
         else:
             for seed in seeds:
-                queue_experiment(seed)
+                queue_experiment(seed, overrides, label)
             run_queue(jobs, threads)
-        frame = collect(seeds)
-        if own in seeds:
+        frame, recall = collect(seeds, label)
+        if apply:
             before = PARAMS_FILE.read_bytes()
             run_dvc("exp", "apply", experiment_name(own))
             if yaml.safe_load(PARAMS_FILE.read_bytes()) == yaml.safe_load(before):
                 write_bytes(PARAMS_FILE, before)  # the same values: keep its comments, layout
-        write_text(paths.SEEDS, frame.to_csv(index=False))
-        if own in seeds:
+        table = paths.SEEDS if label is None else paths.recipe_seeds(label)
+        write_text(table, frame.to_csv(index=False))
+        if label is not None:
+            write_text(paths.recipe_recall(label), recall.to_csv(index=False))
+        if apply:
             run_dvc("repro")  # only the report is stale: it reads metrics/seeds.csv
         else:  # the workspace may never have run: `dvc repro` could mean hours of training
-            logger.info("%s written; `dvc repro` rebuilds the report with it", paths.SEEDS)
-    create_table_artifact(frame.round(4).to_dict("records"), key="fashionnet-seeds",
-                          description="Accuracy per training seed")
+            logger.info("%s written; `dvc repro` rebuilds the report with it", table)
+    create_table_artifact(frame.round(4).to_dict("records"),
+                          key="fashionnet-seeds" + (f"-{label}" if label else ""),
+                          description="Accuracy per training seed" + (
+                              f", recipe {recipe}" if recipe else ""))
     summary = frame[["train_accuracy", "val_accuracy", "test_accuracy"]].agg(["mean", "std"])
     logger.info("accuracy over %d seeds (mean, std):\n%s", len(seeds), summary.round(4))
     return frame
