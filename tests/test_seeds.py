@@ -153,3 +153,55 @@ def test_uncommitted_changes_are_refused_before_anything_is_queued(repo_copy, cl
     queue = run(repo_copy, cli_env, "dvc", "exp", "list", "--all-commits").stdout
     assert "seed-" not in queue
     assert "No experiment tasks" in run(repo_copy, cli_env, "dvc", "queue", "status").stdout
+
+
+def test_seeds_cli_refuses_a_bad_recipe_naming_file_and_key(repo_copy: Path, cli_env):
+    # One CLI start-up; load_recipe's other refusals are in tests/test_recipe.py.
+    (repo_copy / "recipes" / "seeded.yaml").write_text("train.flip: random\ntrain.seed: 3\n")
+    result = subprocess.run(["fashionnet", "seeds", "--recipe", "recipes/seeded.yaml"],
+                            cwd=repo_copy, env=cli_env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stdout + result.stderr
+    assert "recipes/seeded.yaml: train.seed" in lines[0], lines[0]
+    queue = subprocess.run(["dvc", "queue", "status"], cwd=repo_copy, env=cli_env,
+                           capture_output=True, text=True, check=True).stdout
+    assert "No experiment tasks" in queue
+
+
+@pytest.mark.slow
+def test_seeds_with_a_recipe_records_its_runs_apart_and_applies_nothing(tmp_path, prefect_api,
+                                                                        raw_dir):
+    repo = copy_repo(tmp_path / "repo")
+    env = repo_env(repo, prefect_api, raw_dir)
+    set_params(repo, **{"split.limit": 1200, "split.val_size": 1000, "train.epochs": 1})
+    recipe = {"train.flip": "alternate", "train.translate": 1, "train.ema": 0.9,
+              "train.bn_recalibrate": True, "evaluate.tta": True}
+    (repo / "recipes" / "mini.yaml").write_text(yaml.safe_dump(recipe))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "small params, a recipe")
+    before = {name: (repo / name).read_bytes() for name in ("params.yaml", "metrics/seeds.csv")}
+
+    result = run(repo, env, "fashionnet", "seeds", "7", "--recipe", "recipes/mini.yaml",
+                 "--threads", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    seeds = pd.read_csv(repo / paths.recipe_seeds("mini"))
+    assert list(seeds.columns) == COLUMNS
+    assert seeds["experiment"].tolist() == ["mini-seed-7"]
+    recall = pd.read_csv(repo / paths.recipe_recall("mini"))
+    assert recall["seed"].tolist() == [7] and ((recall.iloc[:, 2:] >= 0).all().all())
+    shown = json.loads(run(repo, env, "dvc", "exp", "show", "--json").stdout)
+    experiments = {e["name"]: e for b in shown for e in (b.get("experiments") or [])}
+    data = experiments["mini-seed-7"]["revs"][0]["data"]
+    metrics = data["metrics"]["metrics/metrics.json"]["data"]["accuracy"]
+    assert seeds.loc[0, "test_accuracy"] == metrics["test"]
+    params = data["params"]["params.yaml"]["data"]
+    assert params["train"]["seed"] == 7 and params["evaluate"]["tta"] is True
+    assert {k: params["train"][k] for k in ("flip", "translate", "ema", "bn_recalibrate")} == {
+        "flip": "alternate", "translate": 1, "ema": 0.9, "bn_recalibrate": True}
+    # Nothing applied: the workspace keeps params.yaml's recipe and the seed recipe's table.
+    for name, content in before.items():
+        assert (repo / name).read_bytes() == content, name
+    assert not (repo / "dvc.lock").exists()
