@@ -51,7 +51,8 @@ class TrainConfig(BaseModel):
         "step", description="step: StepLR(step_size, gamma) per epoch; cosine: cosine decay "
         "from lr to 0 per step; onecycle: OneCycleLR up to lr and down, per step")
     flip: Literal[FLIPS] = Field(  # type: ignore[valid-type]
-        "none", description="horizontal flip: none, random (p=1/2), alternate (airbench)")
+        "none", description="horizontal flip: none, random (p=1/2), alternate (airbench), "
+        "symmetric (random, but never the footwear classes, which face one way)")
     translate: StrictInt = Field(0, ge=0, le=4, description="max shift in pixels, zero fill")
     label_smoothing: Number = Field(0.0, ge=0, lt=1)
     ema: Number = Field(0.0, ge=0, lt=1, description="per-step decay of an exponential moving "
@@ -203,7 +204,7 @@ def train(
         lr = optimizer.param_groups[0]["lr"]
         order = torch.randperm(n, generator=generators["shuffle"]).to(device)
         augment = draw_epoch(cfg.flip, cfg.translate, order, epoch, generators.get("augment"),
-                             alternate_base, device)
+                             alternate_base, device, y_all)
         try:
             loss_sum, correct = train_epoch(
                 model, optimizer, x_all, y_all, order, cfg.batch_size,
@@ -290,7 +291,7 @@ def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device,
     # Every random stream training draws from, saved and restored with each checkpoint.
     generators = {"torch": torch.default_generator,
                   "shuffle": torch.Generator().manual_seed(cfg.seed)}
-    if cfg.flip == "random" or cfg.translate > 0:  # flips and shifts
+    if cfg.flip in ("random", "symmetric") or cfg.translate > 0:  # flips and shifts
         generators["augment"] = torch.Generator().manual_seed(_derived_seed(cfg.seed, 1))
     if device.type == "cuda":
         generators["cuda"] = torch.cuda.default_generators[

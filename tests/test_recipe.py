@@ -14,8 +14,8 @@ import yaml
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fashionnet.augment import draw_epoch, hflip, translate
-from fashionnet.data import LabeledImages, to_input
+from fashionnet.augment import ORIENTED_CLASSES, draw_epoch, hflip, translate
+from fashionnet.data import CLASSES, LabeledImages, to_input
 from fashionnet.errors import ConfigError
 from fashionnet.evaluate import evaluate
 from fashionnet.split import SplitConfig, stratified_split
@@ -61,6 +61,17 @@ def test_random_flip_draws_half_and_alternate_flip_alternates(images):
     odd, even = (draw_epoch("alternate", 0, order, epoch, None, base, torch.device("cpu")).flip
                  for epoch in (1, 2))
     assert torch.equal(odd, base[order]) and torch.equal(even, ~base[order])
+
+
+def test_symmetric_flip_never_mirrors_footwear(official):
+    labels = official[0].labels[:3000]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    flips = draw_epoch("symmetric", 0, order, 1, torch.Generator().manual_seed(1), None,
+                       torch.device("cpu"), labels).flip
+    footwear = torch.isin(labels[order], torch.tensor(ORIENTED_CLASSES))
+    assert [CLASSES[c] for c in ORIENTED_CLASSES] == ["Sandal", "Sneaker", "Ankle boot"]
+    assert not flips[footwear].any()
+    assert 0.45 < flips[~footwear].float().mean() < 0.55
 
 
 def test_translation_shifts_with_zero_fill(images):
@@ -178,7 +189,7 @@ def test_named_recipe_is_valid_and_leaves_the_seed_to_the_caller():
 
 
 @pytest.mark.parametrize(("text", "key", "problem"), [
-    ("train.flip: sideways\n", "train.flip", "Input should be 'none', 'random' or 'alternate'"),
+    ("train.flip: sideways\n", "train.flip", "Input should be 'none', 'random', 'alternate' or"),
     ("train.flpi: random\n", "train.flpi", "unknown key"),
     ("train.ema: 1.5\n", "train.ema", "less than 1"),
     ("train:\n  flip: random\n", "train", "not a section.key name"),
