@@ -1,6 +1,7 @@
 """The recipe ablation: train once, measure every post-hoc variant on validation only.
 
-    python benchmarks/ablation.py NAME -S train.epochs=20 -S train.flip=random ... [--out CSV]
+    python benchmarks/ablation.py NAME -S train.epochs=15 -S train.flip=random ... [--out CSV]
+    python benchmarks/ablation.py --table [--out CSV]     # the markdown table of docs/recipe.md
 
 Trains FashionNet on the train split with params.yaml's recipe and the ``-S`` overrides (as
 `dvc exp run -S` would set them), then appends one row per post-hoc variant to ``--out``
@@ -56,13 +57,50 @@ def train_val(params) -> tuple[LabeledImages, LabeledImages]:
     return train_full.subset(train_idx), train_full.subset(val_idx)
 
 
+VARIANTS = {  # table column: (weights, bn, tta)
+    "as trained": ("online", "trained", False),
+    "+ BN recal.": ("online", "recalibrated", False),
+    "+ EMA": ("ema", "trained", False),
+    "+ EMA + BN recal.": ("ema", "recalibrated", False),
+    "+ BN recal. + flip TTA": ("online", "recalibrated", True),
+}
+
+
+def table(path: Path) -> str:
+    """Validation accuracy per configuration (runs named CONFIG-sN) and post-hoc variant:
+    mean ± std over seeds (n - 1), in percent, with each configuration's overrides."""
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    frame["config"] = frame["name"].str.replace(r"-s\d+$", "", regex=True)
+    lines = ["| configuration | seeds | " + " | ".join(VARIANTS) + " | minutes per run |",
+             "|---|---|" + "---|" * len(VARIANTS) + "---|"]
+    for config, runs in frame.groupby("config", sort=False):
+        cells = []
+        for weights, bn, tta in VARIANTS.values():
+            values = runs[(runs["weights"] == weights) & (runs["bn"] == bn)
+                          & (runs["tta"] == tta)]["val_accuracy"] * 100
+            cells.append("-" if values.empty else f"{values.mean():.2f}" + (
+                f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""))
+        seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
+        minutes = runs.groupby("seed")["train_seconds"].first().mean() / 60
+        lines.append(f"| {config} | {seeds} | " + " | ".join(cells) + f" | {minutes:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("name", help="the configuration's name in the table")
+    parser.add_argument("name", nargs="?", help="the configuration's name in the table")
+    parser.add_argument("--table", action="store_true", help="print the table of --out")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params override, as for dvc exp run -S (YAML value)")
     parser.add_argument("--out", type=Path, default=Path("metrics/ablation.csv"))
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return
+    if args.name is None:
+        parser.error("a configuration NAME is needed (or --table)")
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")

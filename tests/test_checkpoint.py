@@ -105,6 +105,31 @@ def test_resumed_run_is_identical_to_an_uninterrupted_one(small, uninterrupted, 
     assert read_checkpoint(checkpoint)[0]["epoch"] == 2
 
 
+RECIPES = {
+    "flip, translate, smoothing, cosine, EMA, BN recalibration": {
+        "flip": "random", "translate": 2, "label_smoothing": 0.1, "schedule": "cosine",
+        "ema": 0.9, "bn_recalibrate": True},
+    "alternating flip, one-cycle": {"flip": "alternate", "schedule": "onecycle"},
+    "symmetric flip, EMA": {"flip": "symmetric", "ema": 0.5},
+}
+
+
+@pytest.mark.parametrize("options", RECIPES.values(), ids=RECIPES.keys())
+def test_resumed_run_with_recipe_options_is_identical(small, tmp_path, caplog, options):
+    """The EMA and the augmentation's random stream are in the checkpoint too."""
+    caplog.set_level(logging.INFO, logger="fashionnet")
+    cfg = CFG.model_copy(update=options)
+    checkpoint = tmp_path / "train.pt"
+    stopped_after(small, 1, checkpoint, cfg)
+    state = read_checkpoint(checkpoint)[0]
+    assert ("ema" in state) == ("ema" in options)
+    assert ("augment" in state["rng"]) == (options.get("flip") in ("random", "symmetric")
+                                           or "translate" in options)
+    resumed = run(small, cfg, checkpoint=checkpoint)
+    assert "resuming after epoch 1 of 2" in caplog.text  # not ignored and run afresh
+    assert_same_run(resumed, run(small, cfg))
+
+
 def test_checkpoint_of_another_run_is_ignored_saying_why(small, uninterrupted, tmp_path,
                                                          caplog):
     checkpoint = tmp_path / "train.pt"
