@@ -62,6 +62,7 @@ VARIANTS = {  # table column: (weights, bn, tta)
     "+ BN recal.": ("online", "recalibrated", False),
     "+ EMA": ("ema", "trained", False),
     "+ EMA + BN recal.": ("ema", "recalibrated", False),
+    "+ flip TTA": ("online", "trained", True),
     "+ BN recal. + flip TTA": ("online", "recalibrated", True),
 }
 
