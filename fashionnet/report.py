@@ -272,7 +272,8 @@ def recipe_comparison_markdown(name: str, overrides: Mapping[str, object] | None
            f"experiments `{name}-seed-N` and records them in metrics/seeds-{name}.csv.")
     if recipe_runs is None or recipe_runs.empty:
         return f"No run of the named recipe `{name}` is recorded yet: {how}"
-    changes = ", ".join(f"`{k}: {v}`" for k, v in (overrides or {}).items()) or "(unknown)"
+    changes = ", ".join(f"`{k}: {str(v).lower() if isinstance(v, bool) else v}`"
+                        for k, v in (overrides or {}).items()) or "(unknown)"
     text = (f"The same network (139,754 parameters, dropout 0.5) trained with the named recipe "
             f"`{name}`, chosen on validation accuracy alone (docs/recipe.md): {changes}. "
             f"{how} Standard deviation over runs, n - 1.\n\n")
