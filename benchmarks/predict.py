@@ -21,13 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from throughput import timed  # benchmarks/throughput.py: the same best-of-N timer
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -62,16 +62,6 @@ def reference(model: FashionNet, files: list[Path]) -> np.ndarray:
     for x in DataLoader(PngFiles(files), REFERENCE_BATCH):
         out.append(torch.softmax(model(x), dim=1).argmax(1))
     return torch.cat(out).numpy()
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """The best of ``repeats`` wall-clock timings of ``fn()``, in seconds."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def test_set(raw_dir: Path, images: int) -> LabeledImages:
