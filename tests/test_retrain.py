@@ -339,7 +339,7 @@ def test_prefect_deploy_records_the_git_remote_branch_and_limit(repo_copy, cli_e
     deployment = deploy(repo_copy, cli_env, prefect_api)
     try:
         assert deployment["work_pool_name"] == "fashionnet"
-        assert deployment["entrypoint"] == "pipeline.retrain.retrain_flow"
+        assert deployment["entrypoint"] == "pipeline.retrain:retrain_flow"
         assert deployment["global_concurrency_limit"]["limit"] == 1  # runs never overlap
         (step,) = deployment["pull_steps"]
         assert step["prefect.deployments.steps.git_clone"]["repository"] \
