@@ -12,15 +12,13 @@ this flow, in that clone:
    `dvc exp push` prints "No experiments to push" and still exits 0.
 
 A run killed before step 2 leaves nothing on either remote: DVC writes an experiment's ref
-and uploads its outputs only when it is pushed. The steps are small public functions so that
-other deployments (the scheduled retrain) clone, pull and push the same way.
+and uploads its outputs only when it is pushed.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -45,29 +43,10 @@ class NotPushed(RuntimeError):
     """`dvc exp push` ended without the experiment on the remotes."""
 
 
-def clone(repository: str, commit: str, directory: str | None = None) -> Path:
-    """A clone of ``repository`` checked out at ``commit`` (detached), made by Prefect's own
-    `git_clone` pull step, under the working directory; its path."""
-    from prefect.deployments.steps import git_clone
-
-    out = git_clone(repository=repository, commit_sha=commit, clone_directory_name=directory)
-    return Path(out["directory"]).resolve()
-
-
 def set_param_args(overrides: Mapping[str, Any]) -> list[str]:
     """``-S KEY=VALUE`` arguments for dvc, each value in JSON (which DVC reads as YAML)."""
     return [arg for key, value in overrides.items()
             for arg in ("-S", f"{key}={json.dumps(value)}")]
-
-
-def pull_data(*targets: str) -> None:
-    """`dvc pull`: the outputs dvc.lock names (or ``targets``) from the default DVC remote."""
-    run_dvc("pull", *targets)
-
-
-def push_data() -> None:
-    """`dvc push`: the outputs dvc.lock names to the default DVC remote."""
-    run_dvc("push")
 
 
 @task(cache_policy=NO_CACHE, task_run_name="dvc-exp-run-{name}")
