@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params override, as for dvc exp run -S (YAML value)")
     parser.add_argument("--out", type=Path, default=Path("metrics/ablation.csv"))
+    parser.add_argument("--save-models", type=Path, metavar="DIR",
+                        help="also save each trained weights' state_dict as DIR/NAME-WEIGHTS.pt "
+                             "(online; ema when train.ema > 0), for benchmarks/recipe_search.py")
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.out))
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     weights = {"online": online["model"]}
     if cfg.ema > 0:
         weights["ema"] = model
+    if args.save_models is not None:
+        args.save_models.mkdir(parents=True, exist_ok=True)
+        for kind, net in weights.items():
+            torch.save(net.state_dict(), args.save_models / f"{args.name}-{kind}.pt")
     images = train_set.images.to(device)
     rows = []
     for kind, net in weights.items():
