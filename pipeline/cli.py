@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--pool", help=POOL_HELP)
     sweep.add_argument("-j", "--jobs", type=_positive, default=1,
                        help="experiments run at a time by the local queue (default 1)")
+    sweep.add_argument("--recipe", metavar="FILE",
+                       help="a named recipe, e.g. recipes/plus.yaml: every point starts from "
+                            "its overrides; experiments named NAME_<point>")
     predict = sub.add_parser("predict", help=PREDICT_HELP, description=PREDICT_HELP + ". "
                              "Photos are converted as Fashion-MNIST's images were made "
                              "(docs/predict.md); images already 28x28 are taken as they are.")
@@ -213,11 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seeds_flow(seeds=args.seeds or None, jobs=args.jobs, threads=args.threads,
                            pool=args.pool, recipe=args.recipe)
             elif args.command == "sweep":
+                from pipeline.params import load_recipe, recipe_name
                 from pipeline.sweep import parse_grid, sweep_flow
 
-                grid = parse_grid(args.grid)  # bad keys or values: exit 2 before anything runs
+                # Bad keys, values or recipe: exit 2 before anything runs.
+                if args.recipe is not None:
+                    recipe_name(args.recipe)
+                base = load_recipe(args.recipe) if args.recipe is not None else None
+                grid = parse_grid(args.grid, base)
                 _needs_server(args)
-                sweep_flow(grid=grid, pool=args.pool, jobs=args.jobs)
+                sweep_flow(grid=grid, pool=args.pool, jobs=args.jobs, recipe=args.recipe)
             elif args.command == "serve":
                 from pipeline.retrain import serve
 

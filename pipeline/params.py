@@ -147,6 +147,15 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
                           problem + more) from None
 
 
+def recipe_name(path: str | Path) -> str:
+    """The name a recipe file's experiments and tables carry: its file name's stem."""
+    name = Path(path).stem
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise ConfigError(str(path), "a recipe's file name must be lowercase letters, digits "
+                                     "and dashes (it names experiments and files)")
+    return name
+
+
 def load_recipe(path: str | os.PathLike[str],
                 params_path: str | os.PathLike[str] = PARAMS_FILE) -> dict[str, object]:
     """A named recipe: a YAML mapping of ``section.key: value`` overrides of params.yaml, as

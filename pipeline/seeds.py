@@ -25,9 +25,7 @@ applied to the workspace: the committed reproduction stays params.yaml's recipe.
 from __future__ import annotations
 
 import json
-import re
 from io import StringIO
-from pathlib import Path
 from typing import Any
 
 import dvc.api
@@ -49,7 +47,7 @@ from pipeline.dvc import (
     workspace_lock,
 )
 from pipeline.experiment import set_param_args
-from pipeline.params import PARAMS_FILE, load_params, load_recipe
+from pipeline.params import PARAMS_FILE, load_params, load_recipe, recipe_name
 
 FLOW_NAME = "fashionnet-seeds"
 COLUMNS = ["seed", "experiment", "train_accuracy", "val_accuracy", "test_accuracy",
@@ -63,15 +61,6 @@ class UncommittedChanges(RuntimeError):
 
 def experiment_name(seed: int, recipe: str | None = None) -> str:
     return f"{recipe}-seed-{seed}" if recipe else f"seed-{seed}"
-
-
-def recipe_name(path: str | Path) -> str:
-    """The name a recipe file's experiments and tables carry: its file name's stem."""
-    name = Path(path).stem
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
-        raise ConfigError(str(path), "a recipe's file name must be lowercase letters, digits "
-                                     "and dashes (it names experiments and files)")
-    return name
 
 
 @task(cache_policy=NO_CACHE, task_run_name="queue-seed-{seed}")

@@ -13,6 +13,9 @@ again, so a sweep that stopped halfway is finished by running it again.
   (pipeline/experiment.py). The sweep waits for all, `dvc exp pull`s them back. Runs that end
   Failed or Crashed are named and the sweep fails; Ctrl-C cancels the runs it submitted.
 
+With ``--recipe recipes/NAME.yaml`` every point starts from that named recipe's overrides
+(the grid's own keys win) and its experiment is named ``NAME_<point>``.
+
 Either way, metrics/sweep.csv gets one row per point (name, the swept params, accuracies,
 training time); the report stage shows it; commit it with the experiments you keep.
 """
@@ -55,7 +58,7 @@ from pipeline.dvc import (
 )
 from pipeline.experiment import COMMIT_ENV, GIT_REMOTE_ENV
 from pipeline.experiment import FLOW_NAME as EXPERIMENT_FLOW
-from pipeline.params import load_params
+from pipeline.params import load_params, load_recipe, recipe_name
 
 FLOW_NAME = "fashionnet-sweep"
 PREFECT_FILE = Path("prefect.yaml")
@@ -70,9 +73,11 @@ class NotShared(InputError):
     """The commit or its data is not where the workers fetch them from."""
 
 
-def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
+def parse_grid(specs: Sequence[str],
+               base: Mapping[str, Any] | None = None) -> dict[str, list[Any]]:
     """{"train.lr": [0.001, 0.003], ...} from ``KEY=V1,V2,...`` strings, each value read as
-    YAML; every point is validated as params.yaml would be."""
+    YAML; every point, on top of the ``base`` overrides (a named recipe), is validated as
+    params.yaml would be."""
     grid: dict[str, list[Any]] = {}
     for spec in specs:
         key, sep, values = spec.partition("=")
@@ -87,13 +92,25 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
     if not grid:
         raise ConfigError("-S", "no params to sweep: give -S KEY=V1,V2,...")
     for point in grid_points(grid):
-        load_params(overrides=point)
+        load_params(overrides={**(base or {}), **point})
     return grid
 
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Every combination of the values, the first key's slowest, as DVC's queue orders them."""
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def sweep_points(grid: Mapping[str, Sequence[Any]], recipe: Mapping[str, Any] | None = None,
+                 recipe_label: str | None = None
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The grid's points by experiment name, and each one's overrides: the named recipe's
+    (``recipe``, its experiments' names prefixed ``recipe_label_``) with the point's on top."""
+    points = {}
+    for point in grid_points(grid):
+        name = experiment_name(point)
+        points[f"{recipe_label}_{name}" if recipe_label else name] = point
+    return points, {name: {**(recipe or {}), **point} for name, point in points.items()}
 
 
 def experiment_name(point: Mapping[str, Any]) -> str:
@@ -307,7 +324,7 @@ def collect(points: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
 
 @flow(name=FLOW_NAME)
 def sweep_flow(grid: dict[str, list[Any]], pool: str | None = None,
-               jobs: int = 1) -> pd.DataFrame:
+               jobs: int = 1, recipe: str | None = None) -> pd.DataFrame:
     """Every combination of ``grid``'s values as a DVC experiment; metrics/sweep.csv.
 
     Args:
@@ -315,14 +332,17 @@ def sweep_flow(grid: dict[str, list[Any]], pool: str | None = None,
         pool: a Prefect work pool whose workers run the experiments; None for DVC's local
             queue on this machine.
         jobs: experiments run at a time by the local queue (without ``pool``).
+        recipe: a named recipe file (recipes/NAME.yaml) whose overrides every point starts
+            from (the grid's keys win); its experiments are named ``NAME_<point>``.
     """
     logger = get_run_logger()
-    points = {experiment_name(point): point for point in grid_points(grid)}
+    base = load_recipe(recipe) if recipe is not None else None
+    points, overrides = sweep_points(grid, base, recipe_name(recipe) if recipe else None)
     with workspace_lock("sweep"):
         if pool:
-            run_on_pool(points, pool)
+            run_on_pool(overrides, pool)
         else:
-            run_locally(points, jobs)
+            run_locally(overrides, jobs)
         frame = collect(points)
         write_text(paths.SWEEP, frame.to_csv(index=False))
     create_table_artifact(frame.round(4).to_dict("records"), key="fashionnet-sweep",

@@ -18,7 +18,13 @@ from fashionnet import report
 from fashionnet.errors import ConfigError, DataError
 from pipeline import cli, paths
 from pipeline.report import read_sweep
-from pipeline.sweep import METRIC_COLUMNS, experiment_name, grid_points, parse_grid
+from pipeline.sweep import (
+    METRIC_COLUMNS,
+    experiment_name,
+    grid_points,
+    parse_grid,
+    sweep_points,
+)
 from tests.conftest import BIN, REPO, copy_repo, git, repo_env, set_params
 from tests.servers import (
     bare_git_remote,
@@ -55,6 +61,32 @@ def test_names_are_git_ref_safe_and_unambiguous():
 def test_bad_grid_names_the_key(specs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_grid(specs)
+
+
+def test_a_named_recipe_is_under_every_point_and_prefixes_its_name():
+    recipe = {"train.schedule": "cosine", "train.epochs": 15}
+    grid = parse_grid(["train.epochs=1,2"], recipe)
+    points, overrides = sweep_points(grid, recipe, "plus")
+    assert list(points) == ["plus_epochs-1", "plus_epochs-2"]
+    assert points["plus_epochs-2"] == {"train.epochs": 2}  # metrics/sweep.csv's columns
+    assert overrides["plus_epochs-2"] == {"train.schedule": "cosine", "train.epochs": 2}
+    assert sweep_points(grid)[0] == {"epochs-1": {"train.epochs": 1},
+                                     "epochs-2": {"train.epochs": 2}}
+    with pytest.raises(ConfigError, match=r"train\.flpi"):  # checked with the recipe under it
+        parse_grid(["train.epochs=1,2"], {"train.flpi": 1})
+
+
+def test_sweep_cli_refuses_a_bad_recipe_before_anything_runs(repo_copy: Path, cli_env):
+    (repo_copy / "recipes" / "bad.yaml").write_text("train.flip: sideways\n")
+    result = subprocess.run(["fashionnet", "sweep", "-S", "train.epochs=1,2", "--recipe",
+                             "recipes/bad.yaml"], cwd=repo_copy, env=cli_env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "recipes/bad.yaml: train.flip" in lines[0], result.stderr
+    queue = subprocess.run(["dvc", "queue", "status"], cwd=repo_copy, env=cli_env,
+                           capture_output=True, text=True, check=True).stdout
+    assert "No experiment tasks" in queue
 
 
 def run(repo: Path, env: dict[str, str], *args: str, timeout: float = 600
@@ -143,10 +175,13 @@ def test_sweep_on_two_workers_through_git_and_s3_remotes(tmp_path, authed_prefec
         ok(repo, env, "dvc", "remote", "modify", "team", "endpointurl", s3.endpoint)
         assert s3.secret_key not in (repo / ".dvc" / "config").read_text()
         ok(repo, env, "dvc", "repro", "download")
+        # A named recipe under the grid: its keys reach every run, the grid's own win.
+        (repo / "recipes" / "tiny.yaml").write_text("train.ema: 0.5\ntrain.epochs: 3\n")
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "tiny params, the S3 remote, the raw data")
         git(repo, "remote", "add", "origin", str(remote))
-        sweep = ["fashionnet", "sweep", "-S", "train.epochs=1,2", "--pool", POOL]
+        sweep = ["fashionnet", "sweep", "-S", "train.epochs=1,2", "--recipe", "recipes/tiny.yaml",
+                 "--pool", POOL]
 
         # Refused until the commit is on the git remote and its data on the DVC remote.
         result = run(repo, env, *sweep)
@@ -177,27 +212,27 @@ def test_sweep_on_two_workers_through_git_and_s3_remotes(tmp_path, authed_prefec
                     proc.kill()
                     proc.wait()
             assert proc.returncode == 1, stderr
-            assert "1 of 2 runs did not finish: epochs-2 (Crashed)" in stderr, stderr
+            assert "1 of 2 runs did not finish: tiny_epochs-2 (Crashed)" in stderr, stderr
             for worker in ("w1", "w2"):  # each took one of the two runs
                 log_text = (tmp_path / f"{worker}.log").read_text()
                 assert f"Worker {worker!r} submitting flow run" in log_text, log_text
-            [crashed] = flow_runs(server, "epochs-2")
+            [crashed] = flow_runs(server, "tiny_epochs-2")
             assert crashed["state"]["type"] == "CRASHED"
             commit = git(repo, "rev-parse", "HEAD").strip()
             listed = ok(repo, env, "dvc", "exp", "list", str(remote), "--rev", commit,
                         "--name-only")
-            assert listed.split() == ["epochs-1"]  # the finished run is kept; no epochs-2
+            assert listed.split() == ["tiny_epochs-1"]  # the finished run is kept; no epochs-2
             after_crash = s3.objects()
             assert (repo / paths.SWEEP).read_text() == sweep_before  # no table of a failed sweep
 
             # Again: only the missing point runs.
             out = ok(repo, env, *sweep)
-            assert "already on git remote origin: epochs-1" in (tmp_path / "sweep.log"
+            assert "already on git remote origin: tiny_epochs-1" in (tmp_path / "sweep.log"
                                                                ).read_text() + out
-        assert len(flow_runs(server, "epochs-1")) == 1
-        assert len(flow_runs(server, "epochs-2")) == 2
+        assert len(flow_runs(server, "tiny_epochs-1")) == 1
+        assert len(flow_runs(server, "tiny_epochs-2")) == 2
         table = pd.read_csv(repo / paths.SWEEP)
-        assert table["experiment"].tolist() == ["epochs-1", "epochs-2"]
+        assert table["experiment"].tolist() == ["tiny_epochs-1", "tiny_epochs-2"]
         assert table["train.epochs"].tolist() == [1, 2]
         assert table["test_accuracy"].between(0.3, 1).all()
 
@@ -206,18 +241,21 @@ def test_sweep_on_two_workers_through_git_and_s3_remotes(tmp_path, authed_prefec
         git(tmp_path, "clone", "-q", str(remote), str(fresh))
         fresh_env = {**env, "PYTHONPATH": str(fresh)}
         fresh_env.pop("FASHIONNET_SOURCE_DIR")
-        ok(fresh, fresh_env, "dvc", "exp", "pull", "origin", "epochs-1", "epochs-2")
+        ok(fresh, fresh_env, "dvc", "exp", "pull", "origin", "tiny_epochs-1", "tiny_epochs-2")
         shown = json.loads(ok(fresh, fresh_env, "dvc", "exp", "show", "--json"))
         experiments = {e["name"]: e["revs"][0]["data"] for b in shown
                        for e in (b.get("experiments") or [])}
-        for row in table.itertuples():
-            metrics = experiments[row.experiment]["metrics"]["metrics/metrics.json"]["data"]
-            assert metrics["accuracy"]["test"] == row.test_accuracy
-        diff = json.loads(ok(fresh, fresh_env, "dvc", "metrics", "diff", "HEAD", "epochs-2",
+        for _, row in table.iterrows():
+            data = experiments[row["experiment"]]
+            metrics = data["metrics"]["metrics/metrics.json"]["data"]
+            assert metrics["accuracy"]["test"] == row["test_accuracy"]
+            params = data["params"]["params.yaml"]["data"]["train"]
+            assert (params["ema"], params["epochs"]) == (0.5, row["train.epochs"])
+        diff = json.loads(ok(fresh, fresh_env, "dvc", "metrics", "diff", "HEAD", "tiny_epochs-2",
                              "--json"))
         assert diff["metrics/metrics.json"]["accuracy.test"]["new"] == table.loc[1,
                                                                                 "test_accuracy"]
-        ok(fresh, fresh_env, "dvc", "exp", "apply", "epochs-2")
+        ok(fresh, fresh_env, "dvc", "exp", "apply", "tiny_epochs-2")
         ok(fresh, fresh_env, "dvc", "pull")
         assert "up to date" in ok(fresh, fresh_env, "dvc", "status")
         assert "in sync" in ok(fresh, fresh_env, "dvc", "status", "-c")
