@@ -9,7 +9,8 @@ launch-bound and a dozen share the GPU; it runs anywhere. Our own orchestration 
 ``dvc exp run --queue``: that machine has no DVC, no git history and no time to spare, and
 the runs must stop at a deadline with whatever they finished written down.
 
-1. ``solo``: the seed's recipe for ``--solo-epochs`` alone on the machine: the epoch time.
+1. ``solo``: the seed's recipe for ``--solo-epochs`` alone on the machine: the epoch time,
+   and a check that the machine can train at all before a dozen runs start.
 2. Phase 1: every grid configuration (``name: {key: value}`` overrides, in priority order,
    the seed's recipe first) for each of ``--seeds``, through benchmarks/ablation.py:
    validation only, every post-hoc variant (EMA, BatchNorm recalibration, flip TTA), models
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ablation import COLUMNS as ABLATION_COLUMNS
 
 HERE = Path(__file__).resolve().parent
 SEED_RECIPE = "seed"  # the grid's name for the seed's recipe (step schedule, no options)
@@ -54,10 +56,10 @@ class Pool:
         self.longest = 0.0  # the longest a finished run took: none starts that can't finish
 
     def start(self, name: str, args: list[str]) -> None:
-        log = (self.log_dir / f"{name}.log").open("w")
-        self.running[name] = subprocess.Popen(
-            [sys.executable, str(HERE / "ablation.py"), name, *args], stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+        with (self.log_dir / f"{name}.log").open("w") as log:  # the child keeps its own copy
+            self.running[name] = subprocess.Popen(
+                [sys.executable, str(HERE / "ablation.py"), name, *args], stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
         self.started[name] = time.monotonic()
         print(f"{time.strftime('%H:%M:%S')} start {name}", flush=True)
 
@@ -111,6 +113,8 @@ def choose(ablation: Path, grid: dict,
     configurations that finished all of them, and that mean; None if none finished."""
     import pandas as pd
 
+    if not ablation.exists():
+        return None
     frame = pd.read_csv(ablation)
     frame["config"] = frame["name"].str.replace(r"-s\d+$", "", regex=True)
     frame = frame[frame["config"].isin(grid) & frame["seed"].isin(seeds)]
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=540, help="seconds for all of it")
     parser.add_argument("--final-share", type=float, default=0.3,
                         help="the budget's share kept for phase 2 and the test")
-    parser.add_argument("--solo-epochs", type=int, default=3)
+    parser.add_argument("--solo-epochs", type=int, default=3,
+                        help="epochs of the seed's recipe run alone first; 0 = none")
     parser.add_argument("--test-reserve", type=float, default=30,
                         help="seconds kept at the end for the test-set evaluation")
     args = parser.parse_args(argv)
@@ -204,13 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
     common = ["--out", str(args.out / "ablation.csv"), "--save-models", str(args.out / "models")]
+    if not (args.out / "ablation.csv").exists():  # its header, before runs ending at once race
+        with (args.out / "ablation.csv").open("w", newline="") as f:
+            csv.writer(f).writerow(ABLATION_COLUMNS)
 
-    solo = Pool(1, args.out / "logs")
-    solo_overrides = {**grid[SEED_RECIPE], "train.epochs": args.solo_epochs, "train.ema": 0}
-    solo.run([("solo", [*overrides_args(solo_overrides, 42), "--out", str(args.out / "solo.csv")])],
-             end, end)
-    if not (args.out / "solo.csv").exists():
-        sys.exit("the solo run failed:\n" + (args.out / "logs" / "solo.log").read_text()[-3000:])
+    if args.solo_epochs > 0:
+        solo_overrides = {**grid[SEED_RECIPE], "train.epochs": args.solo_epochs, "train.ema": 0}
+        Pool(1, args.out / "logs").run([("solo", [*overrides_args(solo_overrides, 42), "--out",
+                                                  str(args.out / "solo.csv")])], end, end)
+        if not (args.out / "solo.csv").exists():
+            sys.exit("the solo run failed:\n"
+                     + (args.out / "logs" / "solo.log").read_text()[-3000:])
 
     phase1_end = end - args.final_share * args.budget
     order = [SEED_RECIPE, *(name for name in grid if name != SEED_RECIPE)]  # the reference first

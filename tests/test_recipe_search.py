@@ -68,7 +68,7 @@ def test_search_tests_only_the_chosen_and_seed_recipes(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "benchmarks/recipe_search.py", "--grid", str(tmp_path / "grid.yaml"),
-         "--out", str(out), "--seeds", "1", "2", "--final-seeds", "3", "--jobs", "2",
+         "--out", str(out), "--seeds", "1", "--final-seeds", "2", "--jobs", "2",
          "--budget", "600", "--solo-epochs", "1"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=600)
@@ -77,7 +77,7 @@ def test_search_tests_only_the_chosen_and_seed_recipes(tmp_path):
     assert pd.read_csv(out / "solo.csv")["epochs"].eq(1).all()
 
     ablation = pd.read_csv(out / "ablation.csv")
-    phase1 = ablation[ablation["seed"].isin([1, 2])].copy()
+    phase1 = ablation[ablation["seed"] == 1].copy()
     phase1["config"] = phase1["name"].str.replace(r"-s\d+$", "", regex=True)
     means = phase1.groupby(["config", "weights", "bn", "tta"])["val_accuracy"].mean()
     best = means.idxmax()
@@ -85,7 +85,7 @@ def test_search_tests_only_the_chosen_and_seed_recipes(tmp_path):
     assert (chosen["config"], chosen["weights"], chosen["bn"], chosen["tta"]) == best
 
     final = pd.read_csv(out / "final.csv")
-    expected = {(best[0], s) for s in (1, 2, 3)} | {("seed", s) for s in (1, 2, 3)}
+    expected = {(best[0], s) for s in (1, 2)} | {("seed", s) for s in (1, 2)}
     assert set(zip(final["config"], final["seed"], strict=True)) == expected
     assert final["test_accuracy"].between(0.1, 1).all()
     # Each test row carries the validation accuracy the choice saw for that run and variant.
