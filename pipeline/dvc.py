@@ -65,10 +65,10 @@ def describe_changes(paths: list[str]) -> str:
     return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
-def local_experiments() -> set[str]:
-    """The names of the experiments on the current git commit."""
-    out = subprocess.run(["dvc", "exp", "list", "--name-only"], capture_output=True, text=True,
-                         check=True, env=tools_env()).stdout
+def local_experiments(rev: str = "HEAD") -> set[str]:
+    """The names of the experiments on git commit ``rev``."""
+    out = subprocess.run(["dvc", "exp", "list", "--rev", rev, "--name-only"],
+                         capture_output=True, text=True, check=True, env=tools_env()).stdout
     return set(out.split())
 
 

@@ -41,6 +41,7 @@ from fashionnet.files import write_bytes, write_text
 from pipeline import paths
 from pipeline.dvc import (
     describe_changes,
+    head_commit,
     local_experiments,
     run_dvc,
     uncommitted_changes,
@@ -111,11 +112,11 @@ def recall_row(seed: int, experiment: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def collect(seeds: list[int], recipe_label: str | None = None) -> tuple[pd.DataFrame,
-                                                                          pd.DataFrame]:
-    """One row per seed from the finished experiments (`dvc exp show`): the metrics/seeds.csv
-    columns, and test recall per class."""
-    rows = {row.get("Experiment"): row for row in dvc.api.exp_show()}
+def collect(seeds: list[int], recipe_label: str | None = None,
+            baseline: str = "HEAD") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per seed from the finished experiments on commit ``baseline`` (`dvc exp
+    show`): the metrics/seeds.csv columns, and test recall per class."""
+    rows = {row.get("Experiment"): row for row in dvc.api.exp_show(revs=baseline)}
     names = {s: experiment_name(s, recipe_label) for s in seeds}
     missing = [name for name in names.values() if name not in rows]
     if missing:
@@ -165,6 +166,8 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
                                  "or stash them first "
                                  "(`dvc exp apply` at the end would overwrite them)")
     with workspace_lock("seeds"):
+        # The experiments are filed under this commit, wherever HEAD is when they end.
+        baseline = head_commit()
         if pool:
             from pipeline.sweep import run_on_pool
 
@@ -174,8 +177,13 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
             for seed in seeds:
                 queue_experiment(seed, overrides, label)
             run_queue(jobs, threads)
-        frame, recall = collect(seeds, label)
+        frame, recall = collect(seeds, label, baseline)
         if apply:
+            if head_commit() != baseline:
+                raise RuntimeError(
+                    f"HEAD moved from {baseline[:7]} to {head_commit()[:7]} while the runs ran: "
+                    f"not applying {experiment_name(own)} onto another commit; "
+                    f"`dvc exp show --rev {baseline[:7]}` lists the runs")
             before = PARAMS_FILE.read_bytes()
             run_dvc("exp", "apply", experiment_name(own))
             if yaml.safe_load(PARAMS_FILE.read_bytes()) == yaml.safe_load(before):

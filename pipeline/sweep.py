@@ -279,18 +279,18 @@ def run_on_pool(points: Mapping[str, Mapping[str, Any]], pool: str) -> None:
     run_dvc("exp", "pull", GIT_REMOTE, *points)
 
 
-def run_locally(points: Mapping[str, Mapping[str, Any]], jobs: int) -> None:
-    """Each point not yet an experiment on HEAD queued in DVC's local queue, then the queue
-    run ``jobs`` at a time."""
+def run_locally(points: Mapping[str, Mapping[str, Any]], jobs: int, baseline: str) -> None:
+    """Each point not yet an experiment on commit ``baseline`` (HEAD when the sweep began)
+    queued in DVC's local queue, then the queue run ``jobs`` at a time."""
     from pipeline.experiment import set_param_args
 
-    done = local_experiments()
+    done = local_experiments(baseline)
     todo = {name: point for name, point in points.items() if name not in done}
     for name, overrides in todo.items():
         run_dvc("exp", "run", "--queue", "-n", name, *set_param_args(overrides))
     if todo:
         run_dvc("exp", "run", "--run-all", "--jobs", str(jobs))
-    missing = set(points) - local_experiments()
+    missing = set(points) - local_experiments(baseline)
     if missing:
         raise RuntimeError(f"no finished experiment {', '.join(sorted(missing))}; "
                            "see `dvc queue logs <name>`")
@@ -314,9 +314,9 @@ def sweep_row(name: str, point: Mapping[str, Any], experiment: Mapping[str, Any]
 
 
 @task(cache_policy=NO_CACHE)
-def collect(points: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per point, from its experiment (`dvc exp show`)."""
-    rows = {row.get("Experiment"): row for row in dvc.api.exp_show()}
+def collect(points: Mapping[str, Mapping[str, Any]], baseline: str = "HEAD") -> pd.DataFrame:
+    """One row per point, from its experiment on commit ``baseline`` (`dvc exp show`)."""
+    rows = {row.get("Experiment"): row for row in dvc.api.exp_show(revs=baseline)}
     keys = list(next(iter(points.values())))
     return pd.DataFrame([sweep_row(name, point, rows[name]) for name, point in points.items()],
                         columns=["experiment", *keys, *METRIC_COLUMNS])
@@ -339,11 +339,13 @@ def sweep_flow(grid: dict[str, list[Any]], pool: str | None = None,
     base = load_recipe(recipe) if recipe is not None else None
     points, overrides = sweep_points(grid, base, recipe_name(recipe) if recipe else None)
     with workspace_lock("sweep"):
+        # The experiments are filed under this commit, wherever HEAD is when they end.
+        baseline = head_commit()
         if pool:
             run_on_pool(overrides, pool)
         else:
-            run_locally(overrides, jobs)
-        frame = collect(points)
+            run_locally(overrides, jobs, baseline)
+        frame = collect(points, baseline)
         write_text(paths.SWEEP, frame.to_csv(index=False))
     create_table_artifact(frame.round(4).to_dict("records"), key="fashionnet-sweep",
                           description="One row per grid point of the sweep")

@@ -18,6 +18,7 @@ from pipeline import paths
 from pipeline.report import read_seeds
 from pipeline.seeds import COLUMNS
 from tests.conftest import REPO, copy_repo, git, repo_env, set_params
+from tests.servers import wait_for
 
 
 def seeds_frame(**columns: list) -> pd.DataFrame:
@@ -182,17 +183,31 @@ def test_seeds_with_a_recipe_records_its_runs_apart_and_applies_nothing(tmp_path
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "small params, a recipe")
     before = {name: (repo / name).read_bytes() for name in ("params.yaml", "metrics/seeds.csv")}
+    baseline = git(repo, "rev-parse", "HEAD").strip()
 
-    result = run(repo, env, "fashionnet", "seeds", "7", "--recipe", "recipes/mini.yaml",
-                 "--threads", "1")
-    assert result.returncode == 0, result.stdout + result.stderr
+    with open(tmp_path / "seeds.log", "w") as log:
+        proc = subprocess.Popen(["fashionnet", "seeds", "7", "--recipe", "recipes/mini.yaml",
+                                 "--threads", "1"], cwd=repo, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        # A commit while the run is under way, once its train stage is done: the runs are
+        # filed under the commit they started from, and are still found there.
+        wait_for(lambda: list(repo.glob(".dvc/tmp/exps/*/models/train_info.json")),
+                 "the experiment's train stage", timeout=300, proc=proc,
+                 log=tmp_path / "seeds.log")
+        git(repo, "commit", "-q", "--allow-empty", "-m", "work done meanwhile")
+        assert proc.wait(timeout=300) == 0, (tmp_path / "seeds.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     seeds = pd.read_csv(repo / paths.recipe_seeds("mini"))
     assert list(seeds.columns) == COLUMNS
     assert seeds["experiment"].tolist() == ["mini-seed-7"]
     recall = pd.read_csv(repo / paths.recipe_recall("mini"))
     assert recall["seed"].tolist() == [7] and ((recall.iloc[:, 2:] >= 0).all().all())
-    shown = json.loads(run(repo, env, "dvc", "exp", "show", "--json").stdout)
+    shown = json.loads(run(repo, env, "dvc", "exp", "show", "--json", "--rev", baseline).stdout)
     experiments = {e["name"]: e for b in shown for e in (b.get("experiments") or [])}
     data = experiments["mini-seed-7"]["revs"][0]["data"]
     metrics = data["metrics"]["metrics/metrics.json"]["data"]["accuracy"]
