@@ -184,6 +184,12 @@ def seeds_flow(seeds: list[int] | None = None, jobs: int = 1,
                     f"HEAD moved from {baseline[:7]} to {head_commit()[:7]} while the runs ran: "
                     f"not applying {experiment_name(own)} onto another commit; "
                     f"`dvc exp show --rev {baseline[:7]}` lists the runs")
+            changed = uncommitted_changes()
+            if changed:  # `dvc exp apply` would overwrite them without a word
+                raise UncommittedChanges(
+                    f"{describe_changes(changed)} changed while the runs ran: not applying "
+                    f"{experiment_name(own)} over them; commit or stash, then "
+                    f"`dvc exp apply {experiment_name(own)}` and `dvc repro`")
             before = PARAMS_FILE.read_bytes()
             run_dvc("exp", "apply", experiment_name(own))
             if yaml.safe_load(PARAMS_FILE.read_bytes()) == yaml.safe_load(before):
