@@ -276,7 +276,8 @@ def recipe_comparison_markdown(name: str, overrides: Mapping[str, object] | None
                         for k, v in (overrides or {}).items()) or "(unknown)"
     text = (f"The same network (139,754 parameters, dropout 0.5) trained with the named recipe "
             f"`{name}`, chosen on validation accuracy alone (docs/recipe.md): {changes}. "
-            f"{how} Standard deviation over runs, n - 1.\n\n")
+            f"{how} Standard deviation over runs, n - 1. Training time is each run's wall "
+            f"clock, longer where runs shared the machine (`fashionnet seeds --jobs`).\n\n")
     if seed_runs is None or seed_runs.empty:
         text += "(metrics/seeds.csv has no runs of the seed recipe to compare with.)\n\n"
         seed_runs = recipe_runs.iloc[0:0]
