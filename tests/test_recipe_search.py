@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,16 +62,17 @@ def test_overrides_become_ablation_arguments_read_back_as_yaml():
 
 
 @pytest.mark.slow
-def test_search_tests_only_the_chosen_and_seed_recipes(tmp_path):
+def test_search_tests_only_the_chosen_and_seed_recipes(tmp_path, raw_dir):
     tiny = {"split.limit": 600, "train.epochs": 1, "train.ema": 0.9}
     grid = {"cosine": {**tiny, "train.schedule": "cosine"}, "seed": tiny}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    work = work_dir(tmp_path, raw_dir)
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "benchmarks/recipe_search.py", "--grid", str(tmp_path / "grid.yaml"),
-         "--out", str(out), "--seeds", "1", "--final-seeds", "2", "--jobs", "2",
-         "--budget", "600", "--solo-epochs", "1"],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        [sys.executable, str(REPO / "benchmarks" / "recipe_search.py"), "--grid",
+         str(tmp_path / "grid.yaml"), "--out", str(out), "--seeds", "1", "--final-seeds", "2",
+         "--jobs", "2", "--budget", "600", "--solo-epochs", "1"],
+        cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.index("start seed-s1") < result.stdout.index("start cosine-s1")
@@ -96,16 +98,28 @@ def test_search_tests_only_the_chosen_and_seed_recipes(tmp_path):
         assert seen.tolist() == [pytest.approx(row.val_accuracy)]
 
 
-def test_a_run_past_the_deadline_is_stopped_with_its_process_group(tmp_path):
+def test_a_run_past_the_deadline_is_stopped_with_its_process_group(tmp_path, raw_dir,
+                                                                   monkeypatch, capsys):
+    monkeypatch.chdir(work_dir(tmp_path, raw_dir))
     pool = recipe_search.Pool(2, tmp_path)
     begin = time.monotonic()
-    # An ablation run that could not end for hours, and one that is never started: too late.
+    # An ablation run that could not end for hours, stopped by the deadline 8 s in.
     pool.run([("endless-s1", ["-S", "train.epochs=100000", "-S", "split.limit=600",
-                              "--out", str(tmp_path / "a.csv")])], begin + 60, begin + 4)
+                              "--out", str(tmp_path / "a.csv")])], begin + 60, begin + 8)
+    assert "stop  endless-s1 (deadline)" in capsys.readouterr().out
     assert time.monotonic() - begin < 30
     assert pool.running == {}
     assert not (tmp_path / "a.csv").exists()
     assert not any("endless-s1" in cmdline for cmdline in command_lines())
+
+
+def work_dir(tmp_path: Path, raw_dir: Path) -> Path:
+    """A working directory as a fresh clone has it after `fashionnet download`."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "raw").symlink_to(raw_dir)
+    shutil.copy(REPO / "params.yaml", work)
+    return work
 
 
 def command_lines() -> list[str]:

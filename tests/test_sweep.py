@@ -303,6 +303,9 @@ def test_interrupted_sweep_cancels_its_runs_with_a_local_directory_remote(tmp_pa
     try:
         wait_for(lambda: all(flow_runs(server, n) for n in names), "the submitted runs",
                  proc=proc, log=tmp_path / "sweep.log")
+        # Ctrl-C once the sweep says it has submitted them all and waits.
+        wait_for(lambda: "submitted 2 runs" in (tmp_path / "sweep.log").read_text(),
+                 "the sweep's wait", proc=proc, log=tmp_path / "sweep.log")
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:
