@@ -297,9 +297,12 @@ def test_interrupted_sweep_cancels_its_runs_with_a_local_directory_remote(tmp_pa
     ok(tmp_path, env, str(BIN / "prefect"), "work-pool", "create", "idle", "--type", "process")
     names = ["lr-0.01", "lr-0.02"]
     with open(tmp_path / "sweep.log", "w") as log:
+        # SIGINT as a terminal delivers it, also when the suite runs as a background job
+        # (whose shell ignores SIGINT, and Python then never raises KeyboardInterrupt).
         proc = subprocess.Popen(["fashionnet", "sweep", "-S", "train.lr=0.01,0.02", "--pool",
                                  "idle"], cwd=repo, env=env, stdout=log, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: all(flow_runs(server, n) for n in names), "the submitted runs",
                  proc=proc, log=tmp_path / "sweep.log")
