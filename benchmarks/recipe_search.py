@@ -71,18 +71,18 @@ class Pool:
                 print(f"{time.strftime('%H:%M:%S')} done  {name} (exit {proc.returncode})",
                       flush=True)
 
-    def run(self, jobs: list[tuple[str, list[str]]], start_by: float, stop_at: float) -> None:
-        """Run ``jobs`` in order; start none after ``start_by`` or too late to finish by
-        ``stop_at`` (monotonic seconds) going by the longest finished run, stop all at
-        ``stop_at``."""
+    def run(self, jobs: list[tuple[str, list[str]]], stop_at: float) -> None:
+        """Run ``jobs`` in order; start none too late to finish by ``stop_at`` (monotonic
+        seconds) going by the longest finished run, and stop all at ``stop_at``."""
         queue = list(jobs)
         while queue or self.running:
             self.reap()
-            latest = min(start_by, stop_at - self.longest)
+            latest = stop_at - self.longest
             while queue and len(self.running) < self.jobs and time.monotonic() < latest:
                 self.start(*queue.pop(0))
             if time.monotonic() >= latest and queue:
-                print(f"not started (no time left): {', '.join(n for n, _ in queue)}")
+                print(f"not started (no time left): {', '.join(n for n, _ in queue)}",
+                      flush=True)
                 queue.clear()
             if time.monotonic() >= stop_at:
                 self.stop()
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.solo_epochs > 0:
         solo_overrides = {**grid[SEED_RECIPE], "train.epochs": args.solo_epochs, "train.ema": 0}
         Pool(1, args.out / "logs").run([("solo", [*overrides_args(solo_overrides, 42), "--out",
-                                                  str(args.out / "solo.csv")])], end, end)
+                                                  str(args.out / "solo.csv")])], end)
         if not (args.out / "solo.csv").exists():
             sys.exit("the solo run failed:\n"
                      + (args.out / "logs" / "solo.log").read_text()[-3000:])
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     order = [SEED_RECIPE, *(name for name in grid if name != SEED_RECIPE)]  # the reference first
     jobs = [(f"{name}-s{seed}", overrides_args(grid[name], seed) + common)
             for name in order for seed in args.seeds]
-    Pool(args.jobs, args.out / "logs").run(jobs, phase1_end, phase1_end)
+    Pool(args.jobs, args.out / "logs").run(jobs, phase1_end)
 
     chosen = choose(args.out / "ablation.csv", grid, args.seeds)
     if chosen is None:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     finals = [(f"{c}-s{seed}", overrides_args(grid[c], seed) + common)
               for seed in args.final_seeds for c in dict.fromkeys([config, SEED_RECIPE])]
     phase2_end = end - args.test_reserve
-    Pool(args.jobs, args.out / "logs").run(finals, phase2_end, phase2_end)
+    Pool(args.jobs, args.out / "logs").run(finals, phase2_end)
     test_rows(args.out, grid, recipes)
     print(f"all done in {time.monotonic() - begin:.0f} s", flush=True)
 
