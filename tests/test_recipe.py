@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -222,30 +221,3 @@ def test_unreadable_recipe_names_the_file(tmp_path: Path, text: str | None, prob
     assert error.value.key == str(recipe)
 
 
-def test_report_compares_the_seed_recipe_with_the_named_one():
-    from fashionnet import report
-    from pipeline.seeds import COLUMNS
-
-    def runs(val: list[float], test: list[float], epochs: int) -> pd.DataFrame:
-        n = len(val)
-        return pd.DataFrame({"seed": range(n), "experiment": ["x"] * n,
-                             "train_accuracy": [0.95] * n, "val_accuracy": val,
-                             "test_accuracy": test, "train_seconds": [600.0] * n,
-                             "epochs": [epochs] * n, "limit": [0] * n, "device": ["cpu"] * n,
-                             "precision": ["bfloat16"] * n, "threads": [1] * n},
-                            columns=COLUMNS)
-
-    seed_runs = runs([0.926, 0.928], [0.918, 0.920], 60)
-    plus_runs = runs([0.93, 0.932, 0.931], [0.925, 0.927, 0.926], 15)
-    recall = pd.DataFrame([{"seed": s, "experiment": "x", **{c: 0.9 for c in CLASSES}}
-                           for s in range(3)])
-    recall.loc[0, "Shirt"] = 0.8
-    per_class = pd.DataFrame({"class": list(CLASSES), "recall": [0.85] * len(CLASSES)})
-    text = report.recipe_comparison_markdown("plus", {"train.flip": "random"}, seed_runs,
-                                             plus_runs, recall, per_class)
-    assert "| seed recipe | 2 | 60 | 92.70 ± 0.14% | 91.90 ± 0.14% | 10.0 min |" in text
-    assert "| named recipe `plus` | 3 | 15 | 93.10 ± 0.10% | 92.60 ± 0.10% | 10.0 min |" in text
-    assert "| Shirt | 0.850 | 0.867 ± 0.058 | +0.017 |" in text
-    assert "`train.flip: random`" in text
-    empty = report.recipe_comparison_markdown("plus", None, seed_runs, None, None, per_class)
-    assert "fashionnet seeds --recipe recipes/plus.yaml" in empty

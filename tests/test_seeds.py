@@ -7,65 +7,14 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from fashionnet import report
-from fashionnet.errors import DataError
 from pipeline import paths
-from pipeline.report import read_seeds
 from pipeline.seeds import COLUMNS
 from tests.conftest import REPO, copy_repo, git, repo_env, set_params
 from tests.servers import wait_for
-
-
-def seeds_frame(**columns: list) -> pd.DataFrame:
-    base = {"seed": [42, 1, 2], "experiment": ["seed-42", "seed-1", "seed-2"],
-            "train_accuracy": [0.95, 0.951, 0.949], "val_accuracy": [0.926, 0.921, 0.93],
-            "test_accuracy": [0.9164, 0.9121, 0.9187], "train_seconds": [700.0, 720.0, 710.0],
-            "epochs": [60] * 3, "limit": [0] * 3, "device": ["cpu"] * 3,
-            "precision": ["bfloat16"] * 3, "threads": [1] * 3}
-    return pd.DataFrame({**base, **columns}, columns=COLUMNS)
-
-
-def test_spread_table_mean_and_sample_std():
-    frame = seeds_frame()
-    table = report.seed_spread_table(frame)
-    assert table["run"].tolist() == ["train.seed 42", "train.seed 1", "train.seed 2",
-                                     "**mean ± std, 3 seeds**", "the seed's single run"]
-    test = frame["test_accuracy"].to_numpy() * 100
-    expected = f"**{test.mean():.2f} ± {np.std(test, ddof=1):.2f}%**"
-    assert table.loc[3, "test"] == expected == "**91.57 ± 0.34%**"
-    assert table.loc[0, "validation"] == "92.60%"
-    assert table.loc[3, "training time"] == "11.8 min"
-    assert table.loc[4, "test"] == "90.30%"
-
-
-def test_spread_section_flags_another_recipe_and_says_when_there_is_none():
-    frame = seeds_frame(epochs=[60, 60, 1], limit=[0, 0, 3000])
-    text = report.seed_spread_markdown(frame, {"epochs": 60, "limit": 0})
-    assert "1 of these runs used another recipe" in text
-    assert "seed 2: epochs 1, limit 3000" in text
-    assert "another recipe" not in report.seed_spread_markdown(seeds_frame(),
-                                                               {"epochs": 60, "limit": 0})
-    assert "`fashionnet seeds`" in report.seed_spread_markdown(None)
-
-
-def test_read_seeds(tmp_path: Path):
-    path = tmp_path / "seeds.csv"
-    assert read_seeds(path) is None  # missing: nothing recorded yet
-    path.write_text(",".join(COLUMNS) + "\n")
-    assert read_seeds(path) is None  # the committed header-only file
-    seeds_frame().to_csv(path, index=False)
-    assert read_seeds(path)["seed"].tolist() == [42, 1, 2]
-    seeds_frame(test_accuracy=[0.9, "n/a", 0.9]).to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"seeds\.csv.*test_accuracy"):
-        read_seeds(path)
-    path.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(DataError, match=r"seeds\.csv"):
-        read_seeds(path)
 
 
 def test_committed_seeds_file_has_the_flows_columns():

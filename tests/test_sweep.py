@@ -14,12 +14,9 @@ import psutil
 import pytest
 import yaml
 
-from fashionnet import report
-from fashionnet.errors import ConfigError, DataError
+from fashionnet.errors import ConfigError
 from pipeline import cli, paths
-from pipeline.report import read_sweep
 from pipeline.sweep import (
-    METRIC_COLUMNS,
     experiment_name,
     grid_points,
     parse_grid,
@@ -323,31 +320,3 @@ def test_interrupted_sweep_cancels_its_runs_with_a_local_directory_remote(tmp_pa
     assert "cancelled lr-0.01, lr-0.02" in (tmp_path / "sweep.log").read_text()
 
 
-def sweep_frame() -> pd.DataFrame:
-    return pd.DataFrame({"experiment": ["lr-0.001", "lr-0.003"], "train.lr": [0.001, 0.003],
-                         "train_accuracy": [0.95, 0.96], "val_accuracy": [0.92, 0.93],
-                         "test_accuracy": [0.91, 0.905], "test_loss": [0.25, 0.27],
-                         "train_seconds": [700.0, 90.0], "device": ["cpu", "cuda"]})
-
-
-def test_report_marks_the_best_validation_accuracy_not_the_best_test():
-    table = report.sweep_table(sweep_frame())
-    assert table.columns.tolist() == ["experiment", "train.lr", "train", "validation", "test",
-                                      "training time"]
-    assert table["validation"].tolist() == ["92.00%", "**93.00%**"]
-    assert table["test"].tolist() == ["91.00%", "90.50%"]  # the better test score is not chosen
-    assert table["training time"].tolist() == ["11.7 min (cpu)", "90 s (cuda)"]
-    assert "`fashionnet sweep" in report.sweep_markdown(None)
-
-
-def test_read_sweep(tmp_path: Path):
-    assert ["experiment", *METRIC_COLUMNS] == report.SWEEP_COLUMNS  # what the sweep writes
-    path = tmp_path / "sweep.csv"
-    assert read_sweep(path) is None
-    path.write_text((REPO / paths.SWEEP).read_text())  # the committed header-only file
-    assert read_sweep(path) is None
-    sweep_frame().to_csv(path, index=False)
-    assert read_sweep(path)["train.lr"].tolist() == [0.001, 0.003]
-    sweep_frame().drop(columns="val_accuracy").to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"sweep\.csv.*val_accuracy"):
-        read_sweep(path)
