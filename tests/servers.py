@@ -16,10 +16,9 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,25 +28,11 @@ import pytest
 
 from pipeline.prefect_server import free_port, prefect_server
 from pipeline.prefect_server import stop as stop_pid
+from tests.helpers import wait_for
 
 BIN = Path(sys.executable).parent
 STOP_TIMEOUT = 20.0  # seconds between SIGINT and SIGKILL
 START_TIMEOUT = 120.0
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = START_TIMEOUT,
-             proc: subprocess.Popen | None = None, log: Path | None = None) -> object:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` (and the tail
-    of ``log``) on timeout or when ``proc`` exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what}: not reached in {timeout:.0f} s\n{tail}")
-        time.sleep(0.2)
 
 
 def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
@@ -112,7 +97,7 @@ def process_worker(pool: str, name: str, env: Mapping[str, str], log: Path,
     env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     with started(args, log, env) as proc:
         wait_for(lambda: f"Worker {name!r} started" in log.read_text(errors="replace"),
-                 f"worker {name}", proc=proc, log=log)
+                 f"worker {name}", START_TIMEOUT, proc=proc, log=log)
         yield proc
 
 
@@ -172,7 +157,7 @@ def s3_server(root: Path, bucket: str = "fashionnet") -> Iterator[S3Server]:
 
     log = root / "weed.log"
     with started(args, log) as proc:
-        wait_for(answers, "the S3 server", proc=proc, log=log)
+        wait_for(answers, "the S3 server", START_TIMEOUT, proc=proc, log=log)
         yield S3Server(endpoint, bucket, key, secret)
 
 

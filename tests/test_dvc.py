@@ -17,7 +17,7 @@ import yaml
 from fashionnet import FashionNet
 from fashionnet.idx import RAW_FILES
 from pipeline import paths
-from tests.conftest import REPO, git, set_params
+from tests.helpers import REPO, git, set_params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STAGES = ("download", "split", "train", "evaluate", "report")

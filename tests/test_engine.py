@@ -17,7 +17,7 @@ from fashionnet import model as model_module
 from fashionnet import runtime as runtime_module
 from fashionnet.data import to_input
 from fashionnet.train import TrainConfig, init_model, train, train_epoch
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CHANNELS_LAST = torch.channels_last
 

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from fashionnet.files import atomic_path, write_bytes, write_text
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_write_replaces_the_whole_file(tmp_path):

@@ -36,7 +36,7 @@ from fashionnet.runtime import resolve_precision
 from fashionnet.train import train_epoch
 from pipeline import predict as command
 from pipeline.cli import main
-from tests.conftest import set_params
+from tests.helpers import set_params
 
 
 def write_pngs(images: np.ndarray, directory: Path) -> Path:

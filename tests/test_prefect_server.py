@@ -14,7 +14,7 @@ import pytest
 
 from fashionnet.split import SplitConfig
 from pipeline import paths
-from tests.conftest import REPO, set_params, wait_for
+from tests.helpers import REPO, set_params, wait_for
 from tests.test_resume import prepare
 
 PROBE = ("import os, sys, urllib.request; url = os.environ['PREFECT_API_URL']; "
@@ -85,14 +85,15 @@ def test_a_stage_killed_with_sigkill_leaves_no_process_behind(repo_copy, cli_env
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)  # its session id is its pid
     try:
-        wait_for((repo_copy / paths.CHECKPOINT).exists, 240, "the checkpoint of epoch 1")
+        wait_for((repo_copy / paths.CHECKPOINT).exists, "the checkpoint of epoch 1", 240,
+                 proc=stage)
         running = session_processes(stage.pid)
         assert stage.pid in running
         assert len(running) > 1, running  # the stage and its Prefect server, at least
         stage.kill()  # SIGKILL
         assert stage.wait() == -signal.SIGKILL
-        wait_for(lambda: not session_processes(stage.pid), 30,
-                 f"the stage's processes to end: {session_processes(stage.pid)}")
+        wait_for(lambda: not session_processes(stage.pid), "the end of the stage's processes",
+                 30)
     finally:
         for pid in session_processes(stage.pid):  # whatever the test may have left
             os.kill(pid, signal.SIGKILL)

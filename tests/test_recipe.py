@@ -21,7 +21,7 @@ from fashionnet.evaluate import evaluate
 from fashionnet.split import SplitConfig, stratified_split
 from fashionnet.train import TrainConfig, init_model, recalibrate_batchnorm, train, train_epoch
 from pipeline.params import load_params, load_recipe
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 RECIPE = REPO / "recipes" / "plus.yaml"
 

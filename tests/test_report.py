@@ -16,7 +16,7 @@ from pipeline import paths
 from pipeline.report import read_seeds, read_sweep
 from pipeline.seeds import COLUMNS
 from pipeline.sweep import METRIC_COLUMNS
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def seeds_frame(**columns: list) -> pd.DataFrame:

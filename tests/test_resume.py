@@ -19,7 +19,7 @@ from fashionnet.checkpoint import read_checkpoint
 from fashionnet.data import save_split
 from fashionnet.split import SplitConfig, stratified_split
 from pipeline import paths
-from tests.conftest import REPO, set_params, wait_for
+from tests.helpers import REPO, set_params, wait_for
 from tests.train_child import CFG
 
 STEPS_PER_EPOCH = 10  # 240 images in batches of 24
@@ -151,8 +151,8 @@ def test_fashionnet_train_killed_and_rerun_matches_an_uninterrupted_run(repo_cop
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Killed the moment the checkpoint of epoch 1 is on disk (renamed into place whole):
     # in epoch 2, three epochs before the run could end.
-    wait_for((repo_copy / paths.CHECKPOINT).exists, 120, "the checkpoint of epoch 1",
-             interval=0.005)
+    wait_for((repo_copy / paths.CHECKPOINT).exists, "the checkpoint of epoch 1", 120,
+             proc=process, interval=0.005)
     process.kill()
     assert process.wait() == -9
     assert not (repo_copy / paths.MODEL).exists() and not (repo_copy / paths.HISTORY).exists()

@@ -34,7 +34,7 @@ from pipeline.retrain import (
     override_args,
     summary_markdown,
 )
-from tests.conftest import BIN, REPO, copy_repo, git, repo_env, set_params, wait_for
+from tests.helpers import BIN, REPO, copy_repo, git, repo_env, set_params, wait_for
 
 ARTIFACTS = {"fashionnet-retrain-summary", "fashionnet-retrain-per-class",
              "fashionnet-retrain-report"}
@@ -378,8 +378,8 @@ def test_the_scheduled_deployment_runs_on_a_process_worker(remotes, tmp_path, pr
              "--name", "retrain-worker"], cwd=tmp_path, env=worker_env, stdout=out,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(lambda: "Worker 'retrain-worker' started" in log.read_text(), 120,
-                 f"the worker:\n{log.read_text()}")
+        wait_for(lambda: "Worker 'retrain-worker' started" in log.read_text(), "the worker",
+                 proc=worker, log=log)
         started = subprocess.run(["prefect", "deployment", "run", f"{FLOW_NAME}/{DEPLOYMENT}",
                                   "--param", "force=true"], cwd=repo, env=env,
                                  capture_output=True, text=True, check=True)
@@ -391,7 +391,7 @@ def test_the_scheduled_deployment_runs_on_a_process_worker(remotes, tmp_path, pr
             return api(prefect_api, "GET", f"/flow_runs/{run['id']}")["state"]["type"]
 
         final = wait_for(lambda: (s := state()) in {"COMPLETED", "FAILED", "CRASHED"} and s,
-                         900, f"the run:\n{log.read_text()}")
+                         "the run's end", 900, proc=worker, log=log)
     finally:
         stop(worker)
         api(prefect_api, "DELETE", f"/deployments/{deployment['id']}")
@@ -433,13 +433,13 @@ def test_serve_runs_the_deployment_in_this_workspace(remotes, tmp_path, prefect_
                 "deployments": {"name": {"any_": [DEPLOYMENT]}}})
             return found[0] if found and found[0]["work_pool_name"] is None else None
 
-        served = wait_for(deployment, 120, f"the deployment:\n{log.read_text()}")
+        served = wait_for(deployment, "the deployment", proc=server, log=log)
         (schedule,) = served["schedules"]
         assert schedule["schedule"]["cron"] == load_params(repo / "params.yaml").schedule.cron
         run = api(prefect_api, "POST", f"/deployments/{served['id']}/create_flow_run", {})
         final = wait_for(lambda: (s := api(prefect_api, "GET", f"/flow_runs/{run['id']}")
                                   ["state"]["type"]) in {"COMPLETED", "FAILED", "CRASHED"} and s,
-                         300, f"the run:\n{log.read_text()}")
+                         "the run's end", 300, proc=server, log=log)
         assert final == "COMPLETED", log.read_text()
         # Nothing was stale: the experiment equals HEAD, and the workspace stays as it was.
         summary = artifacts(prefect_api, run["id"])["fashionnet-retrain-summary"]["data"]

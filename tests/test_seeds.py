@@ -13,8 +13,7 @@ import yaml
 
 from pipeline import paths
 from pipeline.seeds import COLUMNS
-from tests.conftest import REPO, copy_repo, git, repo_env, set_params
-from tests.servers import wait_for
+from tests.helpers import REPO, copy_repo, git, repo_env, set_params, wait_for
 
 
 def test_committed_seeds_file_has_the_flows_columns():

@@ -22,13 +22,8 @@ from pipeline.sweep import (
     parse_grid,
     sweep_points,
 )
-from tests.conftest import BIN, REPO, copy_repo, git, repo_env, set_params
-from tests.servers import (
-    bare_git_remote,
-    process_worker,
-    s3_server,
-    wait_for,
-)
+from tests.helpers import BIN, REPO, copy_repo, git, repo_env, set_params, wait_for
+from tests.servers import bare_git_remote, process_worker, s3_server
 
 POOL = "fashionnet-test"
 
