@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 
+from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.constructor import DuplicateKeyError
@@ -49,12 +51,11 @@ class ScheduleConfig(BaseModel):
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, value: str) -> str:
-        from prefect.client.schemas.schedules import CronSchedule
-
+        # cronsim, not Prefect's CronSchedule: reading params.yaml must not import Prefect.
         try:
-            CronSchedule(cron=value, timezone="UTC")
-        except ValidationError:
-            raise ValueError(f"{value!r} is not a valid cron expression") from None
+            CronSim(value, datetime.now(timezone.utc))
+        except CronSimError as e:
+            raise ValueError(f"{value!r} is not a five-field cron expression ({e})") from None
         return value
 
 
