@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-FLIPS = ("none", "random", "alternate", "symmetric")
+FLIPS = ("none", "random", "alternate", "random-except-footwear")
 # Footwear is photographed one way round: in the training split, the mean image of Sandal,
 # Sneaker and Ankle boot differs from its mirror image by 73%, 65% and 95% of its norm, the
 # other classes' by 8-28% (docs/recipe.md). A mirrored shoe never occurs at test time, so
-# flip "symmetric" mirrors only the classes whose images occur both ways round.
+# flip "random-except-footwear" mirrors only the classes whose images occur both ways round.
 ORIENTED_CLASSES = (5, 7, 9)  # Sandal, Sneaker, Ankle boot in fashionnet.data.CLASSES
 
 
@@ -74,11 +74,11 @@ def draw_epoch(flip: str, max_shift: int, order: torch.Tensor, epoch: int,
         raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
     n = len(order)
     flips = shifts = None
-    if flip in ("random", "symmetric"):
+    if flip in ("random", "random-except-footwear"):
         flips = torch.rand(n, generator=generator) < 0.5
-        if flip == "symmetric":
+        if flip == "random-except-footwear":
             if labels is None:
-                raise ValueError("flip 'symmetric' needs the labels")
+                raise ValueError("flip 'random-except-footwear' needs the labels")
             flips &= ~torch.isin(labels[order].cpu(), torch.tensor(ORIENTED_CLASSES))
     elif flip == "alternate":
         if alternate_base is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
-from fashionnet.config import Seed
 from fashionnet.data import NUM_CLASSES
 from fashionnet.errors import ConfigError
+from fashionnet.fields import Seed
 
 OFFICIAL_TRAIN_SIZE = 60_000  # images in train-images-idx3-ubyte, which the download verifies
 

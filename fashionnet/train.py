@@ -12,23 +12,30 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fashionnet.augment import FLIPS, EpochAugment, draw_epoch
 from fashionnet.checkpoint import fingerprint, resumable, save_checkpoint
-from fashionnet.config import Number, Seed
 from fashionnet.data import LabeledImages, to_input
 from fashionnet.evaluate import evaluate
+from fashionnet.fields import Number, Seed
 from fashionnet.model import FashionNet
 from fashionnet.runtime import autocast, resolve_device, resolve_precision, retain_freed_memory
 
 log = logging.getLogger("fashionnet")
+
+
+def _renamed_flip(value: object) -> object:
+    if value == "symmetric":  # the name until 2026-12: it never meant mirror symmetry
+        raise ValueError("'symmetric' is now called 'random-except-footwear' (random flips, "
+                         "never of the footwear classes)")
+    return value
 
 
 class TrainConfig(BaseModel):
@@ -50,9 +57,9 @@ class TrainConfig(BaseModel):
     schedule: Literal["step", "cosine", "onecycle"] = Field(
         "step", description="step: StepLR(step_size, gamma) per epoch; cosine: cosine decay "
         "from lr to 0 per step; onecycle: OneCycleLR up to lr and down, per step")
-    flip: Literal[FLIPS] = Field(  # type: ignore[valid-type]
+    flip: Annotated[Literal[FLIPS], BeforeValidator(_renamed_flip)] = Field(  # type: ignore[valid-type]
         "none", description="horizontal flip: none, random (p=1/2), alternate (airbench), "
-        "symmetric (random, but never the footwear classes, which face one way)")
+        "random-except-footwear (random, but never the footwear classes, which face one way)")
     translate: StrictInt = Field(0, ge=0, le=4, description="max shift in pixels, zero fill")
     label_smoothing: Number = Field(0.0, ge=0, lt=1)
     ema: Number = Field(0.0, ge=0, lt=1, description="per-step decay of an exponential moving "
@@ -291,7 +298,7 @@ def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device,
     # Every random stream training draws from, saved and restored with each checkpoint.
     generators = {"torch": torch.default_generator,
                   "shuffle": torch.Generator().manual_seed(cfg.seed)}
-    if cfg.flip in ("random", "symmetric") or cfg.translate > 0:  # flips and shifts
+    if cfg.flip in ("random", "random-except-footwear") or cfg.translate > 0:  # flips and shifts
         generators["augment"] = torch.Generator().manual_seed(_derived_seed(cfg.seed, 1))
     if device.type == "cuda":
         generators["cuda"] = torch.cuda.default_generators[

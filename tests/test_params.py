@@ -29,6 +29,7 @@ def test_repository_params_are_valid_and_hold_the_contract_keys():
 
 
 BAD = [
+    ("train:\n  flip: symmetric\n", "train.flip", "now called 'random-except-footwear'"),
     ("train:\n  lr: -1\n", "train.lr", "greater than 0"),
     ("train:\n  lr: fast\n", "train.lr", "valid number"),
     ("train:\n  epochs: 2.5\n", "train.epochs", "valid integer"),

@@ -63,11 +63,11 @@ def test_random_flip_draws_half_and_alternate_flip_alternates(images):
     assert torch.equal(odd, base[order]) and torch.equal(even, ~base[order])
 
 
-def test_symmetric_flip_never_mirrors_footwear(official):
+def test_random_except_footwear_flip_never_mirrors_footwear(official):
     labels = official[0].labels[:3000]
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    flips = draw_epoch("symmetric", 0, order, 1, torch.Generator().manual_seed(1), None,
-                       torch.device("cpu"), labels).flip
+    flips = draw_epoch("random-except-footwear", 0, order, 1, torch.Generator().manual_seed(1),
+                       None, torch.device("cpu"), labels).flip
     footwear = torch.isin(labels[order], torch.tensor(ORIENTED_CLASSES))
     assert [CLASSES[c] for c in ORIENTED_CLASSES] == ["Sandal", "Sneaker", "Ankle boot"]
     assert not flips[footwear].any()

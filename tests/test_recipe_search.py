@@ -52,12 +52,12 @@ def test_choice_is_the_best_mean_validation_among_configurations_with_every_seed
 
 
 def test_overrides_become_ablation_arguments_read_back_as_yaml():
-    args = recipe_search.overrides_args({"train.flip": "symmetric", "train.ema": 0.999,
+    args = recipe_search.overrides_args({"train.flip": "random-except-footwear", "train.ema": 0.999,
                                          "train.bn_recalibrate": True}, 3)
     pairs = dict(a.split("=", 1) for a in args[1::2])
     assert args[::2] == ["-S"] * 4
     assert {k: yaml.safe_load(v) for k, v in pairs.items()} == {
-        "train.flip": "symmetric", "train.ema": 0.999, "train.bn_recalibrate": True,
+        "train.flip": "random-except-footwear", "train.ema": 0.999, "train.bn_recalibrate": True,
         "train.seed": 3}
 
 

@@ -1,4 +1,4 @@
-"""Validated value types shared by the configuration models (TrainConfig, SplitConfig)."""
+"""Validated pydantic field types that the configuration models (TrainConfig, SplitConfig) share."""
 
 from __future__ import annotations
 
