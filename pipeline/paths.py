@@ -29,8 +29,6 @@ SEEDS = METRICS_DIR / "seeds.csv"
 # One row per grid point of the last `fashionnet sweep` (not a stage), committed; the report
 # stage reads it.
 SWEEP = METRICS_DIR / "sweep.csv"
-RECIPES_DIR = Path("recipes")
-RECIPE_NAME = "plus"  # the named recipe the report compares with the seed's: recipes/plus.yaml
 
 
 def recipe_seeds(name: str) -> Path:
@@ -41,6 +39,7 @@ def recipe_seeds(name: str) -> Path:
 def recipe_recall(name: str) -> Path:
     """The same runs' test recall per class: one row per seed, one column per class."""
     return METRICS_DIR / f"seeds-{name}-recall.csv"
+
 
 REPORTS_DIR = Path("reports")
 REPORT = REPORTS_DIR / "report.md"

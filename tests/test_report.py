@@ -1,5 +1,6 @@
-"""The report's tables from the tables the commands write: the spread over training seeds
-(metrics/seeds.csv), the sweep (metrics/sweep.csv) and the named recipe's comparison."""
+"""The report's tables from the tables the stages and commands write: this run beside the
+reference result, the spread over training seeds (metrics/seeds.csv), the sweep
+(metrics/sweep.csv); and the words around them, which name the commands that fill them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fashionnet.data import CLASSES
 from fashionnet.errors import DataError
 from pipeline import paths
 from pipeline.report import read_seeds, read_sweep
+from pipeline.report_text import render_markdown, seed_spread_markdown, sweep_markdown
 from pipeline.seeds import COLUMNS
 from pipeline.sweep import METRIC_COLUMNS
 from tests.helpers import REPO
@@ -32,7 +34,7 @@ def test_spread_table_mean_and_sample_std():
     frame = seeds_frame()
     table = report.seed_spread_table(frame)
     assert table["run"].tolist() == ["train.seed 42", "train.seed 1", "train.seed 2",
-                                     "**mean ± std, 3 seeds**", "the seed's single run"]
+                                     "**mean ± std, 3 seeds**", "the reference's single run"]
     test = frame["test_accuracy"].to_numpy() * 100
     expected = f"**{test.mean():.2f} ± {np.std(test, ddof=1):.2f}%**"
     assert table.loc[3, "test"] == expected == "**91.57 ± 0.34%**"
@@ -43,12 +45,12 @@ def test_spread_table_mean_and_sample_std():
 
 def test_spread_section_flags_another_recipe_and_says_when_there_is_none():
     frame = seeds_frame(epochs=[60, 60, 1], limit=[0, 0, 3000])
-    text = report.seed_spread_markdown(frame, {"epochs": 60, "limit": 0})
+    text = seed_spread_markdown(frame, {"epochs": 60, "limit": 0})
     assert "1 of these runs used another recipe" in text
     assert "seed 2: epochs 1, limit 3000" in text
-    assert "another recipe" not in report.seed_spread_markdown(seeds_frame(),
+    assert "another recipe" not in seed_spread_markdown(seeds_frame(),
                                                                {"epochs": 60, "limit": 0})
-    assert "`fashionnet seeds`" in report.seed_spread_markdown(None)
+    assert "`fashionnet seeds`" in seed_spread_markdown(None)
 
 
 def test_read_seeds(tmp_path: Path):
@@ -80,7 +82,7 @@ def test_report_marks_the_best_validation_accuracy_not_the_best_test():
     assert table["validation"].tolist() == ["92.00%", "**93.00%**"]
     assert table["test"].tolist() == ["91.00%", "90.50%"]  # the better test score is not chosen
     assert table["training time"].tolist() == ["11.7 min (cpu)", "90 s (cuda)"]
-    assert "`fashionnet sweep" in report.sweep_markdown(None)
+    assert "`fashionnet sweep" in sweep_markdown(None)
 
 
 def test_read_sweep(tmp_path: Path):
@@ -96,30 +98,36 @@ def test_read_sweep(tmp_path: Path):
         read_sweep(path)
 
 
-def test_report_compares_the_seed_recipe_with_the_named_one():
-    from fashionnet import report
-    from pipeline.seeds import COLUMNS
+def test_accuracy_and_per_class_tables_put_the_reference_result_beside_the_run():
+    accuracy = pd.DataFrame({"split": ["train", "val", "test"],
+                             "accuracy": [0.9511, 0.9255, 0.9165],
+                             "loss": [0.1428, 0.2059, 0.2357]})
+    table = report.accuracy_table(accuracy)
+    assert table.columns.tolist() == ["split", "accuracy", "reference accuracy", "difference",
+                                      "loss"]
+    assert table.loc[2].tolist() == ["test", "91.65%", "90.30%", "+1.35 pts", "0.2357"]
+    assert table.loc[1].tolist() == ["val", "92.55%", "89.35%", "+3.20 pts", "0.2059"]
+    per_class = pd.DataFrame({"class": [*CLASSES, "macro avg"], "precision": [0.78] * 11,
+                              "recall": [0.72] * 11, "f1-score": [0.75] * 11,
+                              "support": [1000] * 10 + [10000]})
+    rows = report.per_class_table(per_class).set_index("class")
+    assert rows.index.tolist() == list(CLASSES)  # the averages have no reference figure
+    assert rows.loc["Shirt"].tolist() == ["0.78 (0.76)", "0.72 (0.70)", "0.75 (0.73)",
+                                          "1000 (406)"]
 
-    def runs(val: list[float], test: list[float], epochs: int) -> pd.DataFrame:
-        n = len(val)
-        return pd.DataFrame({"seed": range(n), "experiment": ["x"] * n,
-                             "train_accuracy": [0.95] * n, "val_accuracy": val,
-                             "test_accuracy": test, "train_seconds": [600.0] * n,
-                             "epochs": [epochs] * n, "limit": [0] * n, "device": ["cpu"] * n,
-                             "precision": ["bfloat16"] * n, "threads": [1] * n},
-                            columns=COLUMNS)
 
-    seed_runs = runs([0.926, 0.928], [0.918, 0.920], 60)
-    plus_runs = runs([0.93, 0.932, 0.931], [0.925, 0.927, 0.926], 15)
-    recall = pd.DataFrame([{"seed": s, "experiment": "x", **{c: 0.9 for c in CLASSES}}
-                           for s in range(3)])
-    recall.loc[0, "Shirt"] = 0.8
-    per_class = pd.DataFrame({"class": list(CLASSES), "recall": [0.85] * len(CLASSES)})
-    text = report.recipe_comparison_markdown("plus", {"train.flip": "random"}, seed_runs,
-                                             plus_runs, recall, per_class)
-    assert "| seed recipe | 2 | 60 | 92.70 ± 0.14% | 91.90 ± 0.14% | 10.0 min |" in text
-    assert "| named recipe `plus` | 3 | 15 | 93.10 ± 0.10% | 92.60 ± 0.10% | 10.0 min |" in text
-    assert "| Shirt | 0.850 | 0.867 ± 0.058 | +0.017 |" in text
-    assert "`train.flip: random`" in text
-    empty = report.recipe_comparison_markdown("plus", None, seed_runs, None, None, per_class)
-    assert "fashionnet seeds --recipe recipes/plus.yaml" in empty
+def test_report_sections_and_their_words_name_the_reference_not_the_seed():
+    accuracy = pd.DataFrame({"split": ["train", "val", "test"],
+                             "accuracy": [0.95, 0.92, 0.91], "loss": [0.1, 0.2, 0.3]})
+    per_class = pd.DataFrame({"class": CLASSES, "precision": [0.9] * 10, "recall": [0.9] * 10,
+                              "f1-score": [0.9] * 10, "support": [1000] * 10})
+    text = render_markdown(accuracy, per_class, {"Learning curves": "curves.png"},
+                           {"data": "Fashion-MNIST"}, seeds_frame(), {"epochs": 60, "limit": 0},
+                           sweep_frame(), val_images=6000)
+    assert [line for line in text.splitlines() if line.startswith("#")] == [
+        "# FashionNet report", "## What was run", "## Accuracy", "## Per-class test metrics",
+        "## Spread over training seeds", "## Sweep",
+        "## Why these figures differ from the reference's", "## Figures"]
+    assert "seed's" not in text and "the reference's single run" in text
+    assert "sampling error alone is ±0.45 points on 4,000 images and ±0.29 on 10,000" in text
+    assert "![Learning curves](curves.png)" in text
