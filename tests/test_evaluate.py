@@ -13,6 +13,11 @@ from fashionnet.evaluate import evaluate, per_class_report
 from fashionnet.inference import EVAL_BATCH, InferenceNet
 from fashionnet.train import train_epoch
 
+# bfloat16 evaluation moves each logit by a few hundredths: at most 0.034 over the 10,000 test
+# images on the `trained` model below (AMD EPYC, bfloat16 emulated; native bfloat16 rounds the
+# same products and sums them in float32 too). A bound with headroom, in logits.
+LOGIT_ERROR = 0.05
+
 
 def test_per_class_report_matches_sklearn():
     rng = np.random.default_rng(0)
@@ -27,9 +32,11 @@ def test_per_class_report_matches_sklearn():
     np.testing.assert_allclose(rows["recall"], r)
     np.testing.assert_allclose(rows["f1-score"], f)
     assert rows["support"].tolist() == s.tolist()
-    macro = precision_recall_fscore_support(labels, predictions, average="macro")
-    np.testing.assert_allclose(
-        report.iloc[10][["precision", "recall", "f1-score"]].to_numpy(float), macro[:3])
+    for row, average in ((10, "macro"), (11, "weighted")):
+        expected = precision_recall_fscore_support(labels, predictions, average=average)
+        np.testing.assert_allclose(
+            report.iloc[row][["precision", "recall", "f1-score"]].to_numpy(float), expected[:3])
+        assert report.iloc[row]["support"] == 2000
 
 
 def test_evaluate_matches_a_plain_forward_pass(official):
@@ -80,8 +87,11 @@ def test_inference_net_computes_the_eval_forward_pass(official, trained, monkeyp
     assert torch.equal(logits.argmax(1), expected.argmax(1))
     half = InferenceNet(model, torch.bfloat16)(x)
     assert half.dtype == torch.float32  # the classifier computes in float32 whatever dtype
-    assert (half - expected).abs().max() < 0.05 * expected.abs().max()
-    assert (half.argmax(1) == expected.argmax(1)).float().mean() > 0.99
+    assert (half - expected).abs().max() < LOGIT_ERROR
+    # So bfloat16 can change a prediction only where float32's two best logits nearly tie.
+    top2 = expected.topk(2, 1).values  # (1000, 2)
+    changed = half.argmax(1) != expected.argmax(1)
+    assert ((top2[:, 0] - top2[:, 1])[changed] < 2 * LOGIT_ERROR).all()
 
 
 class _Broken:
@@ -133,9 +143,11 @@ def test_evaluate_in_parallel_batches_equals_one_thread(official, trained):
         serial = evaluate(trained, data, batch_size=128)
     finally:
         torch.set_num_threads(threads)
+    # Each batch is computed the same way, and the batches' sums added in the same order.
     assert np.array_equal(parallel.predictions, serial.predictions)
-    assert parallel.loss == pytest.approx(serial.loss, rel=1e-6)
-    assert parallel.accuracy == serial.accuracy > 0.6
+    assert parallel.loss == serial.loss
+    assert parallel.accuracy == serial.accuracy == np.mean(
+        parallel.predictions == data.labels.numpy())
 
 
 def test_evaluate_restores_threads_and_mode_when_a_batch_fails(official, trained):
@@ -155,48 +167,65 @@ def test_evaluate_restores_threads_and_mode_when_a_batch_fails(official, trained
         trained.eval()
 
 
-def bf16_disagreements(model: FashionNet, data: LabeledImages) -> list[dict]:
-    """Each image whose bfloat16 prediction differs from float32's, with what explains it."""
-    # Batches as evaluate() runs them, one thread each: oneDNN's bfloat16 kernels may sum in
-    # another order for another batch size or thread count.
+def logits(model: FashionNet, data: LabeledImages, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 10) float32 logits of InferenceNet in ``dtype``, in evaluate()'s batches, one thread
+    each: oneDNN's bfloat16 kernels may sum in another order for another batch size or thread
+    count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        batches = [to_input(data.images[i : i + EVAL_BATCH])
-                   for i in range(0, len(data), EVAL_BATCH)]
-        exact_net, fast_net = InferenceNet(model), InferenceNet(model, torch.bfloat16)
-        exact = torch.cat([exact_net(x) for x in batches])  # (N, 10) float32
-        fast = torch.cat([fast_net(x) for x in batches])  # (N, 10) float32, bf16 convolutions
+        net = InferenceNet(model, dtype)
+        return torch.cat([net(to_input(data.images[i : i + EVAL_BATCH]))
+                          for i in range(0, len(data), EVAL_BATCH)])
     finally:
         torch.set_num_threads(threads)
-    rows = []
-    for i in (exact.argmax(1) != fast.argmax(1)).nonzero().flatten().tolist():
-        a, b = int(exact[i].argmax()), int(fast[i].argmax())
-        rows.append({"index": i, "float32": a, "bfloat16": b,
-                     "float32 margin": float(exact[i, a] - exact[i, b]),
-                     "bfloat16 margin": float(fast[i, b] - fast[i, a]),
-                     "logit error": float((fast[i] - exact[i]).abs().max())})
-    return rows
+
+
+def margins(logits: torch.Tensor) -> np.ndarray:
+    """(N,) the gap between each row's two largest logits."""
+    top2 = logits.topk(2, 1).values
+    return (top2[:, 0] - top2[:, 1]).numpy()
 
 
 def test_bfloat16_evaluation_agrees_with_float32_up_to_the_convolutions_rounding(official,
                                                                                 trained):
-    """All 10,000 test images: where bfloat16 and float32 predictions differ, the two classes'
-    float32 logits nearly tie and bfloat16's convolutions move the logits by more than the gap;
-    bfloat16 then ranks them strictly (no tie broken toward the lower class, as bfloat16
-    logits did: 26 images differed on this model then, 6 now)."""
+    """Where bfloat16 and float32 predictions differ, the two classes' float32 logits nearly
+    tie and bfloat16's convolutions move the logits by more than the gap; bfloat16 then ranks
+    them strictly (no tie broken toward the lower class, as bfloat16 logits would).
+
+    bfloat16 is emulated, and slow, on CPUs without it natively (10,000 images took 15 s), so
+    the test evaluates a subset: every test image whose float32 margin is under 2 x
+    LOGIT_ERROR, the only ones bfloat16 can tip as no logit moves by LOGIT_ERROR (289 of
+    10,000 on an AMD EPYC), and 256 others drawn at random, on which that bound must hold
+    too. The disagreements found are then those of the whole test set: 13 on that EPYC
+    (bfloat16 emulated); 6 on the Sapphire Rapids (AMX) of docs/performance.md, when this
+    test evaluated all 10,000.
+    """
     test = official[1]
-    exact = evaluate(trained, test)
-    fast = evaluate(trained, test, dtype=torch.bfloat16)
-    rows = bf16_disagreements(trained, test)
-    print(f"{len(rows)} of {len(test)} predictions differ:", *rows, sep="\n")  # shown on failure
-    differ = np.flatnonzero(exact.predictions != fast.predictions)
-    assert differ.tolist() == [row["index"] for row in rows]  # evaluate() computes the same
-    assert len(rows) <= len(test) // 1000  # at most 0.1%
+    near = np.flatnonzero(margins(logits(trained, test, torch.float32)) < 2 * LOGIT_ERROR)
+    others = np.random.default_rng(0).choice(np.setdiff1d(np.arange(len(test)), near), 256,
+                                             replace=False)
+    subset = test.subset(np.union1d(near, others))
+    exact, fast = logits(trained, subset, torch.float32), logits(trained, subset, torch.bfloat16)
+    error = (fast - exact).abs().max(1).values  # (N,) each image's largest logit error
+    assert error.max() < LOGIT_ERROR
+    differ = np.flatnonzero(exact.argmax(1) != fast.argmax(1))
+    rows = []
+    for i in differ.tolist():
+        a, b = int(exact[i].argmax()), int(fast[i].argmax())
+        rows.append({"index": i, "float32": a, "bfloat16": b,
+                     "float32 margin": float(exact[i, a] - exact[i, b]),
+                     "bfloat16 margin": float(fast[i, b] - fast[i, a]),
+                     "logit error": float(error[i])})
+    print(f"{len(rows)} of {len(test)} predictions differ:", *rows, sep="\n")  # on failure
+    # evaluate() computes the same, in its threads.
+    predictions = (evaluate(trained, subset).predictions,
+                   evaluate(trained, subset, dtype=torch.bfloat16).predictions)
+    assert np.flatnonzero(predictions[0] != predictions[1]).tolist() == differ.tolist()
+    # A few, at most 0.3% of the test set; and some, or the subset tests nothing.
+    assert 0 < len(rows) <= 30
     for row in rows:
-        # A near-tie in float32, under bfloat16 logits' step of 1/16 at logits 8-16 (on a
-        # model trained 15 epochs on all 54,000 images, 4 differed: margins 0.004-0.021)...
-        assert row["float32 margin"] < 0.05, row
-        # ... that the bfloat16 convolutions' rounding, a few hundredths of a logit, tips ...
-        assert row["logit error"] < 0.1, row
+        # A near-tie in float32, under bfloat16 logits' step of 1/16 at logits 8-16
+        # (margins 0.0002-0.007 here), that the convolutions' rounding tips...
+        assert row["float32 margin"] < LOGIT_ERROR, row
         assert row["bfloat16 margin"] > 0, row  # ... to a strict order, not a tie
