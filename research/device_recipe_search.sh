@@ -1,31 +1,25 @@
 #!/bin/bash
-# benchmarks/recipe_search.py on a lent GPU machine, in one call of the device tool
-# (docs/recipe.md, "GPU"). That machine has PyTorch but none of this project's other packages
-# and no network, so the call carries .gpu/ (ignored by git; docs/recipe.md says how to fill it):
+# research/recipe_search.py on a lent GPU machine, in one call of the device tool
+# (research/README.md, "GPU"). That machine has PyTorch but none of this project's other
+# packages and no network, so the call carries .gpu/ (ignored by git; research/README.md says
+# how to fill it):
 #   .gpu/whl/   wheels of pydantic, pydantic_core, annotated-types, typing-inspection,
-#               typing_extensions and ruamel.yaml for its Python 3.12
+#               typing_extensions, ruamel.yaml and cronsim for its Python 3.12
 #   .gpu/raw/   the four Fashion-MNIST .gz files
-# Usage there: bash benchmarks/device_recipe_search.sh OUT BUDGET_SECONDS
-# Environment: GRID (benchmarks/recipe_grid.yaml), SEEDS ("1 2"), FINAL ("3 4"), SHARE (0.3),
+# Usage there: bash research/device_recipe_search.sh OUT BUDGET_SECONDS
+# Environment: GRID (research/recipe_grid.yaml), SEEDS ("1 2"), FINAL ("3 4"), SHARE (0.3),
 # JOBS (12), SOLO (3 epochs), PY (python3).
 set -o pipefail
 out=$1 budget=$2 py=${PY:-python3}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .gpu/whl/*.whl || exit 1
-# pipeline.params checks the retraining cron with Prefect, which is not there and which no run
-# here reads: a stand-in that accepts any expression.
-mkdir -p /tmp/stub/prefect/client/schemas
-touch /tmp/stub/prefect/__init__.py /tmp/stub/prefect/client/__init__.py \
-    /tmp/stub/prefect/client/schemas/__init__.py
-printf 'class CronSchedule:\n    def __init__(self, **kwargs):\n        pass\n' \
-    >/tmp/stub/prefect/client/schemas/schedules.py
-export PYTHONPATH=/tmp/site:$PWD:/tmp/stub
+export PYTHONPATH=/tmp/site:$PWD
 mkdir -p data/raw && for f in .gpu/raw/*.gz; do gunzip -c "$f" >"data/raw/$(basename "$f" .gz)"; done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())" \
     | tee -a "$out/gpu.txt"
-"$py" benchmarks/recipe_search.py --grid "${GRID:-benchmarks/recipe_grid.yaml}" \
+"$py" research/recipe_search.py --grid "${GRID:-research/recipe_grid.yaml}" \
     --out /tmp/search --seeds ${SEEDS:-1 2} --final-seeds ${FINAL-3 4} \
     --final-share "${SHARE:-0.3}" --jobs "${JOBS:-12}" --budget "$budget" \
     --solo-epochs "${SOLO:-3}" 2>&1 | tee "$out/driver.log"

@@ -1,23 +1,24 @@
 """The recipe search within a time budget: many ablation runs at once, the choice made on
-validation accuracy alone, then the test set for the chosen recipe and the seed's.
+validation accuracy alone, then the test set for the chosen recipe and the reference recipe.
 
-    python benchmarks/recipe_search.py --grid benchmarks/recipe_grid.yaml --out DIR \\
+    python research/recipe_search.py --grid research/recipe_grid.yaml --out DIR \\
         [--seeds 1 2] [--final-seeds 3 4] [--jobs 12] [--budget 540]
 
-Written for a lent GPU machine (one short call, docs/recipe.md), where one 60-epoch run is
+Written for a lent GPU machine (one short call, research/README.md), where one 60-epoch run is
 launch-bound and a dozen share the GPU; it runs anywhere. Our own orchestration rather than
 ``dvc exp run --queue``: that machine has no DVC, no git history and no time to spare, and
 the runs must stop at a deadline with whatever they finished written down.
 
-1. ``solo``: the seed's recipe for ``--solo-epochs`` alone on the machine: the epoch time,
+1. ``solo``: the reference recipe for ``--solo-epochs`` alone on the machine: the epoch time,
    and a check that the machine can train at all before a dozen runs start.
 2. Phase 1: every grid configuration (``name: {key: value}`` overrides, in priority order,
-   the seed's recipe first) for each of ``--seeds``, through benchmarks/ablation.py:
+   the reference recipe first) for each of ``--seeds``, through research/ablation.py:
    validation only, every post-hoc variant (EMA, BatchNorm recalibration, flip TTA), models
    saved.
 3. The choice: the (configuration, variant) with the best mean validation accuracy among the
    configurations that finished every seed. Nothing here reads the test set before this.
-4. Phase 2: the chosen configuration and ``seed`` (the seed's recipe) for ``--final-seeds``.
+4. Phase 2: the chosen configuration and ``reference`` (the reference recipe) for
+   ``--final-seeds``.
 5. Test accuracy for those two recipes only, every seed with a saved model, each with its
    variant: DIR/final.csv.
 
@@ -40,7 +41,7 @@ import yaml
 from ablation import COLUMNS as ABLATION_COLUMNS
 
 HERE = Path(__file__).resolve().parent
-SEED_RECIPE = "seed"  # the grid's name for the seed's recipe (step schedule, no options)
+REFERENCE = "reference"  # the grid's name for the reference recipe (StepLR, no options)
 FINAL_COLUMNS = ["recipe", "config", "seed", "weights", "bn", "tta", "val_accuracy",
                  "test_accuracy", "overrides", "train_seconds", "machine"]
 
@@ -105,6 +106,14 @@ class Pool:
 def overrides_args(overrides: dict, seed: int) -> list[str]:
     """``-S key=value`` arguments for ablation.py, which reads each value as YAML."""
     return [a for k, v in {**overrides, "train.seed": seed}.items() for a in ("-S", f"{k}={v}")]
+
+
+def final_jobs(config: str, grid: dict, seeds: list[int],
+               common: list[str]) -> list[tuple[str, list[str]]]:
+    """Phase 2's runs: ``config`` and the reference recipe (once if they are the same), seed by
+    seed, so that a deadline leaves both with the same seeds."""
+    return [(f"{c}-s{seed}", overrides_args(grid[c], seed) + common)
+            for seed in seeds for c in dict.fromkeys([config, REFERENCE])]
 
 
 def choose(ablation: Path, grid: dict,
@@ -197,15 +206,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--final-share", type=float, default=0.3,
                         help="the budget's share kept for phase 2 and the test")
     parser.add_argument("--solo-epochs", type=int, default=3,
-                        help="epochs of the seed's recipe run alone first; 0 = none")
+                        help="epochs of the reference recipe run alone first; 0 = none")
     parser.add_argument("--test-reserve", type=float, default=30,
                         help="seconds kept at the end for the test-set evaluation")
     args = parser.parse_args(argv)
     begin = time.monotonic()
     end = begin + args.budget
     grid = yaml.safe_load(args.grid.read_text())
-    if SEED_RECIPE not in grid:
-        parser.error(f"the grid needs the seed's recipe, named {SEED_RECIPE!r}")
+    if REFERENCE not in grid:
+        parser.error(f"the grid needs the reference recipe, named {REFERENCE!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
     common = ["--out", str(args.out / "ablation.csv"), "--save-models", str(args.out / "models")]
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             csv.writer(f).writerow(ABLATION_COLUMNS)
 
     if args.solo_epochs > 0:
-        solo_overrides = {**grid[SEED_RECIPE], "train.epochs": args.solo_epochs, "train.ema": 0}
+        solo_overrides = {**grid[REFERENCE], "train.epochs": args.solo_epochs, "train.ema": 0}
         Pool(1, args.out / "logs").run([("solo", [*overrides_args(solo_overrides, 42), "--out",
                                                   str(args.out / "solo.csv")])], end)
         if not (args.out / "solo.csv").exists():
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                      + (args.out / "logs" / "solo.log").read_text()[-3000:])
 
     phase1_end = end - args.final_share * args.budget
-    order = [SEED_RECIPE, *(name for name in grid if name != SEED_RECIPE)]  # the reference first
+    order = [REFERENCE, *(name for name in grid if name != REFERENCE)]  # the reference first
     jobs = [(f"{name}-s{seed}", overrides_args(grid[name], seed) + common)
             for name in order for seed in args.seeds]
     Pool(args.jobs, args.out / "logs").run(jobs, phase1_end)
@@ -237,9 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         {"config": config, "weights": weights, "bn": bn, "tta": tta, "mean_val": val,
          "overrides": grid[config]}, sort_keys=False))
     recipes = {"chosen": (config, weights, bn, tta),
-               "seed recipe": (SEED_RECIPE, "online", "trained", False)}
-    finals = [(f"{c}-s{seed}", overrides_args(grid[c], seed) + common)
-              for seed in args.final_seeds for c in dict.fromkeys([config, SEED_RECIPE])]
+               "reference recipe": (REFERENCE, "online", "trained", False)}
+    finals = final_jobs(config, grid, args.final_seeds, common)
     phase2_end = end - args.test_reserve
     Pool(args.jobs, args.out / "logs").run(finals, phase2_end)
     test_rows(args.out, grid, recipes)

@@ -1,11 +1,11 @@
 """The recipe ablation: train once, measure every post-hoc variant on validation only.
 
-    python benchmarks/ablation.py NAME -S train.epochs=15 -S train.flip=random ... [--out CSV]
-    python benchmarks/ablation.py --table [--out CSV]     # the markdown table of docs/recipe.md
+    python research/ablation.py NAME -S train.epochs=15 -S train.flip=random ... [--out CSV]
+    python research/ablation.py --table [--out CSV]     # the tables of research/README.md
 
 Trains FashionNet on the train split with params.yaml's recipe and the ``-S`` overrides (as
 `dvc exp run -S` would set them), then appends one row per post-hoc variant to ``--out``
-(default metrics/ablation.csv): the trained weights or their EMA (when ``train.ema`` > 0),
+(default research/results/ablation.csv): the trained weights or their EMA (when ``train.ema`` > 0),
 BatchNorm statistics as trained or recalibrated, one view or flip test-time augmentation. The
 EMA, recalibration and TTA cost no extra training: the online weights of a run with an EMA are
 those of the same run without one (the average draws no random numbers), so one run measures
@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table", action="store_true", help="print the table of --out")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params override, as for dvc exp run -S (YAML value)")
-    parser.add_argument("--out", type=Path, default=Path("metrics/ablation.csv"))
+    parser.add_argument("--out", type=Path, default=Path("research/results/ablation.csv"))
     parser.add_argument("--save-models", type=Path, metavar="DIR",
                         help="also save each trained weights' state_dict as DIR/NAME-WEIGHTS.pt "
-                             "(online; ema when train.ema > 0), for benchmarks/recipe_search.py")
+                             "(online; ema when train.ema > 0), for research/recipe_search.py")
     args = parser.parse_args(argv)
     if args.table:
         print(table(args.out))
