@@ -1,4 +1,4 @@
-"""Training speed of the recipe options against the seed's recipe, in one process.
+"""Training speed of the recipe options against the reference recipe, in one process.
 
 Each configuration trains the same epochs of ``fashionnet.train.train_epoch`` over the same
 real images, interleaved and repeated; the best of the repeats is kept. Time is this process's
@@ -26,7 +26,7 @@ from fashionnet.train import init_model, train_epoch
 from pipeline import paths
 
 CONFIGS = {
-    "seed recipe": {},
+    "reference recipe": {},
     "flip + translate 1": {"flip": "random", "translate": 1},
     "flip + translate 2": {"flip": "random", "translate": 2},
     "all training options": {"flip": "random", "translate": 1, "label_smoothing": 0.1,
@@ -74,10 +74,10 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"{str(dtype).removeprefix('torch.')}, {args.images} images, batch {args.batch_size},"
           f" best of {args.repeats}, CPU time")
-    reference = best["seed recipe"]
+    reference = best["reference recipe"]
     for name, seconds in best.items():
         print(f"{name:22} {args.images / seconds:7.0f} images/s  {seconds / reference:.3f}x "
-              "the seed recipe's time")
+              "the reference recipe's time")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The recipe options' mechanics, each on real images: flips mirror, translations shift with
 zero fill, the EMA is the closed-form average of the weights, BatchNorm recalibration changes
 only running statistics, test-time augmentation averages the two views; the defaults are the
-seed's recipe, and named recipe files are validated, naming the file and key."""
+reference recipe, and named recipe files are validated, naming the file and key."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def test_tta_averages_the_two_views_probabilities(small):
     assert plain.loss != pytest.approx(result.loss, rel=1e-6)
 
 
-def test_defaults_are_the_seed_recipe_of_the_committed_reproduction():
+def test_defaults_are_the_reference_recipe_of_the_committed_reproduction():
     """dvc.lock's train params (the committed 60-epoch run) read as a TrainConfig are exactly
     params.yaml's train section, and every recipe option in it is off."""
     lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
