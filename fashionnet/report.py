@@ -8,8 +8,8 @@ import pandas as pd
 from fashionnet.data import CLASSES
 from fashionnet.reference import REFERENCE_ACCURACY, REFERENCE_PER_CLASS
 
-# What the report reads of metrics/seeds.csv (`fashionnet seeds`) and metrics/sweep.csv
-# (`fashionnet sweep`, which adds one column per swept param).
+# The columns the tables need of metrics/seeds.csv (one row per training seed) and of
+# metrics/sweep.csv (one row per grid point, and one more column per swept param).
 SEED_COLUMNS = ["seed", "train_accuracy", "val_accuracy", "test_accuracy", "train_seconds",
                 "epochs", "limit"]
 SWEEP_COLUMNS = ["experiment", "train_accuracy", "val_accuracy", "test_accuracy", "test_loss",
