@@ -1,5 +1,5 @@
-"""Checkpoints and the model file: what a checkpoint holds, resuming from it, runs that must not
-resume, every way a file can be damaged, and a loss that turns NaN or infinite."""
+"""Checkpoints: what one holds, resuming from it, runs that must not resume, every way the file
+can be damaged, and a loss that turns NaN or infinite."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from fashionnet import FashionNet
-from fashionnet.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from fashionnet.checkpoint import read_checkpoint, save_checkpoint
 from fashionnet.data import LabeledImages
 from fashionnet.errors import DataError
 from fashionnet.runtime import resolve_precision
@@ -260,62 +259,8 @@ def test_non_finite_validation_loss_stops_training(small, monkeypatch):
 
 
 def test_a_learning_rate_that_diverges_is_caught(small):
-    with pytest.raises(FloatingPointError, match=r"training diverged at epoch 1, step \d of 4"):
+    """One AdamW step of 1e20 makes the weights about 1e20; the next step's activations
+    overflow float32 (and bfloat16, which has its range)."""
+    with pytest.raises(FloatingPointError, match=r"^training diverged at epoch 1, step 2 of 4: "
+                                                 r"the loss is nan$"):
         run(small, CFG.model_copy(update={"lr": 1e20}))
-
-
-def write_state(path: Path, change: Callable[[dict], object]) -> None:
-    state = FashionNet().state_dict()
-    torch.save(change(state), path)
-
-
-def _set(state: dict, key: str, value: object) -> dict:
-    state[key] = value
-    return state
-
-
-MODEL_DAMAGE = {
-    "missing": (lambda p: None, re.escape("file not found (run `fashionnet train`)")),
-    "empty": (lambda p: p.write_bytes(b""), "cannot be loaded"),
-    "truncated": (lambda p: write_state(p, dict) or p.write_bytes(p.read_bytes()[:5000]),
-                  "cannot be loaded"),
-    "a tensor": (lambda p: torch.save(torch.zeros(3), p), "is not a state_dict"),
-    "missing key": (lambda p: write_state(p, lambda s: {k: v for k, v in s.items()
-                                                        if k != "fc.bias"}),
-                    r"missing \['fc.bias'\]"),
-    "extra key": (lambda p: write_state(p, lambda s: _set(s, "fc2.weight", torch.zeros(1))),
-                  r"unexpected \['fc2.weight'\]"),
-    "wrong shape": (lambda p: write_state(p, lambda s: _set(s, "fc.bias", torch.zeros(11))),
-                    r"fc.bias is torch.float32 \(11,\), expected torch.float32 \(10,\)"),
-    "wrong dtype": (lambda p: write_state(p, lambda s: _set(s, "fc.bias", torch.zeros(10,
-                                                          dtype=torch.float64))),
-                    "fc.bias is torch.float64"),
-    "NaN weights": (lambda p: write_state(p, lambda s: _set(s, "conv1.weight",
-                                                          s["conv1.weight"] * float("nan"))),
-                    "conv1.weight holds NaN or infinite values"),
-    "code to run": (lambda p: torch.save({"fc.bias": Exploit(p.with_name("pwned"))}, p),
-                    "(?i)unsupported global"),
-}
-
-
-@pytest.mark.parametrize("damage", MODEL_DAMAGE, ids=list(MODEL_DAMAGE))
-def test_bad_model_files_are_refused_naming_the_file(tmp_path, damage):
-    path = tmp_path / "fashionnet.pt"
-    harm, message = MODEL_DAMAGE[damage]
-    harm(path)
-    model = FashionNet()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(DataError, match=message) as error:
-        load_weights(path, model)
-    assert str(path) in str(error.value) and "\n" not in str(error.value)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not (tmp_path / "pwned").exists()
-
-
-def test_good_model_file_loads(tmp_path):
-    torch.manual_seed(1)
-    saved = FashionNet()
-    torch.save(saved.state_dict(), tmp_path / "fashionnet.pt")
-    loaded = load_weights(tmp_path / "fashionnet.pt", FashionNet())
-    for name, tensor in saved.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor)
