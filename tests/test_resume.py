@@ -159,7 +159,8 @@ def test_fashionnet_train_killed_and_rerun_matches_an_uninterrupted_run(repo_cop
 
     result = fashionnet_train(repo_copy, cli_env)
     assert result.returncode == 0, result.stderr
-    assert "resuming after epoch" in result.stdout
+    # Killed in epoch 2 (or, on a slow machine, after its checkpoint too): resumed, not rerun.
+    assert re.search(r"resuming after epoch [12] of 4", result.stdout)
     assert (repo_copy / paths.HISTORY).read_text() == history
     resumed = torch.load(repo_copy / paths.MODEL, weights_only=True)
     assert resumed.keys() == model.keys()
@@ -180,8 +181,9 @@ def test_diverging_training_exits_1_naming_epoch_and_step_and_writes_no_model(re
     torch.save(FashionNet().state_dict(), model)  # the last good model
     before = model.read_bytes()
     result = fashionnet_train(repo_copy, cli_env)
-    assert result.returncode == 1
-    assert re.fullmatch(r"fashionnet train: failed: FloatingPointError: training diverged at "
-                        r"epoch 1, step \d of 4: the loss is (nan|inf|-inf)\n", result.stderr)
+    # One AdamW step of 1e20, and the next step's activations overflow (test_checkpoint.py).
+    assert (result.returncode, result.stderr) == (
+        1, "fashionnet train: failed: FloatingPointError: training diverged at epoch 1, step 2 "
+           "of 4: the loss is nan\n")
     assert model.read_bytes() == before
     assert not (repo_copy / paths.HISTORY).exists()
