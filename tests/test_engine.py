@@ -128,8 +128,8 @@ def test_bfloat16_mixed_precision_trains_and_evaluates(official, monkeypatch):
     """The bfloat16 path (CUDA, and CPUs with native bfloat16; emulated on others): the
     convolutions compute in bfloat16, masks take their dtype, the loss and the weights stay
     float32, and the steps learn as float32's do from the same start."""
-    data = official[0].subset(np.arange(1024))
-    order = torch.arange(1024)
+    data = official[0].subset(np.arange(512))  # bfloat16 is emulated, and slow, on some CPUs
+    order = torch.arange(512)
     bf16 = torch.bfloat16
 
     def start() -> tuple[FashionNet, torch.optim.Optimizer]:
@@ -137,7 +137,7 @@ def test_bfloat16_mixed_precision_trains_and_evaluates(official, monkeypatch):
         model = FashionNet().to(memory_format=CHANNELS_LAST)
         return model, torch.optim.AdamW(model.parameters(), lr=3e-3, amsgrad=True)
 
-    reference, _ = train_epoch(*start(), data.images, data.labels, order, 128)  # float32
+    reference, _ = train_epoch(*start(), data.images, data.labels, order, 64)  # float32
     model, optimizer = start()
     seen: dict[str, set[torch.dtype]] = {"conv": set(), "mask": set(), "loss": set()}
     model.conv1.register_forward_hook(lambda m, i, out: seen["conv"].add(out.dtype))
@@ -152,22 +152,22 @@ def test_bfloat16_mixed_precision_trains_and_evaluates(official, monkeypatch):
     monkeypatch.setattr(model_module, "keep_mask_half", recording_draw)
     monkeypatch.setattr(F, "cross_entropy",
                         lambda x, *a, **k: seen["loss"].add(x.dtype) or cross_entropy(x, *a, **k))
-    first, _ = train_epoch(model, optimizer, data.images, data.labels, order, 128, dtype=bf16)
-    second, correct = train_epoch(model, optimizer, data.images, data.labels, order, 128,
+    first, _ = train_epoch(model, optimizer, data.images, data.labels, order, 64, dtype=bf16)
+    second, correct = train_epoch(model, optimizer, data.images, data.labels, order, 64,
                                   dtype=bf16)
     monkeypatch.undo()
     assert seen == {"conv": {bf16}, "mask": {bf16}, "loss": {torch.float32}}
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(v.dtype == torch.float32 for state in optimizer.state.values()
                for v in state.values() if v.is_floating_point())
-    # The first epoch's summed loss is float32's up to bfloat16's rounding (0.04% measured;
+    # The first epoch's summed loss is float32's up to bfloat16's rounding (0.12% measured;
     # bfloat16 keeps 8 significant bits, 0.4%); then the runs drift apart.
     assert first == pytest.approx(reference, rel=0.005)
-    assert second < first and correct / 1024 > 0.6  # a floor: it learns (73% measured)
+    assert second < first and correct / 512 > 0.5  # a floor: it learns (67% measured)
     test = official[1].subset(np.arange(500))
     fast = evaluate_module.evaluate(model, test, dtype=bf16)
     exact = evaluate_module.evaluate(model, test)
-    assert exact.accuracy > 0.6  # a floor: 16 steps on 1,024 images (76% measured)
+    assert exact.accuracy > 0.5  # a floor: 16 steps of 64 images (70% measured)
     # bfloat16 changes a prediction only where float32's two best logits nearly tie.
     with torch.no_grad():
         top2 = model.eval()(to_input(test.images)).topk(2, 1).values  # (500, 2), stock forward
