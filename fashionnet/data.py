@@ -55,15 +55,18 @@ class LabeledImages:
         return LabeledImages(self.images[idx], self.labels[idx])
 
 
-def save_split(path: str | os.PathLike[str], data: LabeledImages, index: np.ndarray) -> None:
-    """Write one split as ``.npz`` (images, labels, index into its source file), atomically."""
+def save_split(path: str | os.PathLike[str], data: LabeledImages, index: np.ndarray,
+               **extra: np.ndarray) -> None:
+    """Write one split as ``.npz`` (images, labels, index into its source file, and any
+    ``extra`` arrays after them), atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=data.images.numpy(), labels=data.labels.numpy().astype(np.uint8),
-                 index=np.asarray(index, dtype=np.int64))
+                 index=np.asarray(index, dtype=np.int64), **extra)
 
 
-def load_split(path: str | os.PathLike[str]) -> LabeledImages:
-    """Read one split written by :func:`save_split`, validating shapes and labels."""
+def load_split(path: str | os.PathLike[str], allow_empty: bool = False) -> LabeledImages:
+    """Read one split written by :func:`save_split`, validating shapes and labels; one without
+    images is refused unless ``allow_empty``."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -76,12 +79,12 @@ def load_split(path: str | os.PathLike[str]) -> LabeledImages:
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(path, f"images must be (N, 28, 28) uint8, got {images.dtype} "
                               f"{images.shape}")
-    if len(images) == 0:
+    if len(images) == 0 and not allow_empty:
         raise DataError(path, "holds no images")
     if labels.dtype != np.uint8 or labels.shape != (len(images),):
         raise DataError(path, f"labels must be ({len(images)},) uint8 to match the images, got "
                               f"{labels.dtype} {labels.shape}")
-    if labels.max() >= NUM_CLASSES:
+    if len(labels) and labels.max() >= NUM_CLASSES:
         raise DataError(path, f"label {labels.max()} is outside 0..{NUM_CLASSES - 1}")
     return LabeledImages(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
 

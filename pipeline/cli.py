@@ -13,8 +13,12 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 STAGE_HELP = {
@@ -32,6 +36,9 @@ PREDICT_HELP = ("classes and probabilities for image files, directories of them,
                 "files, from the trained model")
 SEEDS_HELP = ("the recipe once per training seed, as DVC experiments: metrics/seeds.csv, the "
               "report's spread over seeds, and the own train.seed's run applied to the workspace")
+INGEST_HELP = ("new labelled images into data/incoming/ for training: refused (exit 2, "
+               "nothing written) if unreadable, of an unknown class, leaking a validation or "
+               "test image, or mislabelled; already known ones skipped")
 SWEEP_HELP = ("a grid of params as DVC experiments, on this machine or on the workers of a "
               "Prefect work pool: metrics/sweep.csv")
 POOL_HELP = ("run the experiments on the workers of this Prefect work pool (PREFECT_API_URL), "
@@ -128,6 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
                          default="auto", help="compute dtype; auto (default), as "
                          "train.precision's default and so as fashionnet evaluate's: bfloat16 "
                          "where the hardware has it natively, else float32")
+    ingest = sub.add_parser("ingest", help=INGEST_HELP, description=INGEST_HELP + " "
+                            "(docs/retraining.md).")
+    ingest.add_argument("paths", nargs="+", metavar="PATH",
+                        help="a directory of class subdirectories (0-9 or class slugs such as "
+                             "ankle-boot), image files or directories with --label or "
+                             "--labels, an .npz with images and labels, or an IDX image file "
+                             "followed by its label file")
+    source = ingest.add_mutually_exclusive_group()
+    source.add_argument("--label", metavar="CLASS",
+                        help="the class of every image given: 0-9, a slug or a class name")
+    source.add_argument("--labels", metavar="FILE.csv",
+                        help="a CSV of file,label rows, files relative to the CSV's folder")
+    ingest.add_argument("--dry-run", action="store_true",
+                        help="print what would be added, skipped and refused; write nothing")
+    ingest.add_argument("--push", action="store_true",
+                        help="then git commit, dvc push, git push, and emit the Prefect event "
+                             "fashionnet.data.ingested that starts a retrain")
+    ingest.add_argument("--force", action="store_true",
+                        help="accept labels the current model disagrees with far more than "
+                             "its validation error predicts (with a warning)")
     return parser
 
 
@@ -189,9 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fashionnet.errors import InputError
 
-    if args.command != "predict":  # no params.yaml and no Prefect: it runs anywhere, at once
+    if args.command not in ("predict", "ingest"):  # no Prefect flow: they start at once
         _configure_prefect()
     try:
+        if args.command == "ingest":
+            return _ingest(args)
         if args.command == "predict":
             from pipeline.predict import run
 
@@ -201,38 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.params import load_params
 
         params = load_params()
+        start = _prepare(args, params)  # bad input: exit 2 before any server or work
         # --pool: the pool's own server, never one of ours (_needs_server says so).
         with _api_server(scheduler=args.command == "serve",
                          start=not getattr(args, "pool", None)):
-            if args.command == "retrain":
-                from pipeline.retrain import retrain_flow
-
-                retrain_flow(force=args.force, seed=args.seed, set_params=dict(args.set_params),
-                             name=args.name)
-            elif args.command == "seeds":
-                from pipeline.seeds import seeds_flow
-
-                _needs_server(args)
-                seeds_flow(seeds=args.seeds or None, jobs=args.jobs, threads=args.threads,
-                           pool=args.pool, recipe=args.recipe)
-            elif args.command == "sweep":
-                from pipeline.params import load_recipe, recipe_name
-                from pipeline.sweep import parse_grid, sweep_flow
-
-                # Bad keys, values or recipe: exit 2 before anything runs.
-                if args.recipe is not None:
-                    recipe_name(args.recipe)
-                base = load_recipe(args.recipe) if args.recipe is not None else None
-                grid = parse_grid(args.grid, base)
-                _needs_server(args)
-                sweep_flow(grid=grid, pool=args.pool, jobs=args.jobs, recipe=args.recipe)
-            elif args.command == "serve":
-                from pipeline.retrain import serve
-
-                serve(params.schedule.cron)
-            else:
-                stage = importlib.import_module(f"pipeline.{args.command}")  # only its imports
-                getattr(stage, f"{args.command}_flow")(params)
+            start()
     except InputError as e:
         message = " ".join(str(e).split())  # one line, whatever the message quotes
         print(f"fashionnet {args.command}: error: {message}", file=sys.stderr)
@@ -251,6 +253,59 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    """`fashionnet ingest`: the batch's summary on stdout; a refusal's summary too with
+    --dry-run, before the one line on stderr."""
+    from pipeline.ingest import BatchRefused, ingest
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        batch = ingest(args.paths, label=args.label, labels=args.labels, dry_run=args.dry_run,
+                       push=args.push, force=args.force)
+    except BatchRefused as e:
+        if args.dry_run:
+            print(e.batch.summary(e.problems))
+        raise
+    print(batch.summary())
+    if batch.commit:
+        print(f"pushed as commit {batch.commit[:8]}; event fashionnet.data.ingested emitted")
+    return EXIT_OK
+
+
+def _prepare(args: argparse.Namespace, params: Params) -> Callable[[], object]:
+    """The command's flow, ready to call, once its arguments are checked: a bad key, value,
+    seed or recipe raises InputError here, before a Prefect server starts."""
+    if args.command == "retrain":
+        from pipeline.retrain import overrides_for, retrain_flow
+
+        overrides = overrides_for(args.seed, dict(args.set_params))
+        return lambda: retrain_flow(force=args.force, set_params=overrides, name=args.name)
+    if args.command == "seeds":
+        from pipeline.seeds import plan, seeds_flow
+
+        plan(args.seeds or None, args.recipe)
+        _needs_server(args)
+        return lambda: seeds_flow(seeds=args.seeds or None, jobs=args.jobs,
+                                  threads=args.threads, pool=args.pool, recipe=args.recipe)
+    if args.command == "sweep":
+        from pipeline.params import load_recipe, recipe_name
+        from pipeline.sweep import parse_grid, sweep_flow
+
+        base = None
+        if args.recipe is not None:
+            recipe_name(args.recipe)  # the file's name names the experiments: checked first
+            base = load_recipe(args.recipe)
+        grid = parse_grid(args.grid, base)
+        _needs_server(args)
+        return lambda: sweep_flow(grid=grid, pool=args.pool, jobs=args.jobs, recipe=args.recipe)
+    if args.command == "serve":
+        from pipeline.retrain import serve
+
+        return lambda: serve(params.schedule.cron)
+    stage = importlib.import_module(f"pipeline.{args.command}")  # only the stage's imports
+    return lambda: getattr(stage, f"{args.command}_flow")(params)
 
 
 @contextlib.contextmanager

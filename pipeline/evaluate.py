@@ -1,4 +1,5 @@
-"""Stage `evaluate`: loss and accuracy on train, val and test; per-class report; predictions."""
+"""Stage `evaluate`: loss and accuracy on train, val and test (and on the incoming batches'
+held-out images, when there are any); per-class report; predictions."""
 
 from __future__ import annotations
 
@@ -33,13 +34,17 @@ def evaluate_flow(params: Params) -> dict[str, float]:
     model = load_weights(paths.MODEL, FashionNet())
     model.to(device, memory_format=torch.channels_last)  # the fast layout for the convolutions
     data = {name: load_split(paths.PREPARED[name]) for name in SPLITS}
-    results = {name: evaluate_split(model, name, data[name], device, dtype, params.evaluate.tta)
-               for name in SPLITS}
+    if paths.INCOMING_HOLDOUT.exists():  # incoming batches: their held-out images, if any
+        held = load_split(paths.INCOMING_HOLDOUT, allow_empty=True)
+        data.update({"incoming": held} if len(held) else {})
+    results = {name: evaluate_split(model, name, images, device, dtype, params.evaluate.tta)
+               for name, images in data.items()}
     accuracy = {name: r.accuracy for name, r in results.items()}
     loss = {name: r.loss for name, r in results.items()}
     write_text(paths.METRICS_JSON,
                json.dumps({"accuracy": accuracy, "loss": loss}, indent=2) + "\n")
-    table = pd.DataFrame({"split": SPLITS, "accuracy": accuracy.values(), "loss": loss.values()})
+    table = pd.DataFrame({"split": list(data), "accuracy": accuracy.values(),
+                          "loss": loss.values()})
     write_text(paths.ACCURACY, table.to_csv(index=False))
     labels, predicted = data["test"].labels.numpy(), results["test"].predictions
     write_text(paths.CLASS_REPORT, per_class_report(labels, predicted).to_csv(index=False))

@@ -15,6 +15,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 
 from fashionnet.errors import ConfigError
 from fashionnet.evaluate import EvaluateConfig
+from fashionnet.incoming import IncomingConfig
 from fashionnet.split import SplitConfig
 from fashionnet.train import TrainConfig
 
@@ -78,6 +79,7 @@ class Params(BaseModel):
 
     download: DownloadConfig = DownloadConfig()
     split: SplitConfig = SplitConfig()
+    incoming: IncomingConfig = IncomingConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     schedule: ScheduleConfig = ScheduleConfig()

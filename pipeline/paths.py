@@ -8,8 +8,14 @@ from pathlib import Path
 from fashionnet.data import SPLITS
 
 RAW_DIR = Path("data/raw")
+# New labelled images (`fashionnet ingest`): one DVC-tracked <id>.npz per batch, and the
+# manifest (in git) that lists them; split adds them to training, less a held-out share.
+INCOMING_DIR = Path("data/incoming")
+MANIFEST = INCOMING_DIR / "manifest.csv"
 PREPARED_DIR = Path("data/prepared")
 PREPARED = {name: PREPARED_DIR / f"{name}.npz" for name in SPLITS}
+# The incoming batches' held-out images, written by split only when there are batches.
+INCOMING_HOLDOUT = PREPARED_DIR / "incoming.npz"
 
 MODEL = Path("models/fashionnet.pt")
 TRAIN_INFO = Path("models/train_info.json")

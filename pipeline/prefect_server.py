@@ -6,8 +6,8 @@ them live) and the test suite start `prefect server start` on a free loopback po
 own temporary server (SubprocessASGIServer) stops only at a clean exit (atexit), and
 `prefect server start --background` detaches the server from its caller on purpose: after a
 `kill -9` of the caller both keep running, about 190 MB each. So the server is started in the
-foreground, as a child that asks the kernel (Linux PR_SET_PDEATHSIG) to kill it when its
-parent dies, however the parent ends. Runs are kept in Prefect's database under PREFECT_HOME,
+foreground, as a child that the kernel kills when its parent dies, however the parent ends
+(pipeline/processes.py). Runs are kept in Prefect's database under PREFECT_HOME,
 so a later `prefect server start` shows them. With an API URL already configured (environment
 or profile) nothing is started.
 
@@ -17,8 +17,6 @@ or profile) nothing is started.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,28 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from pipeline.processes import die_with_parent, free_port, stop
+
 STARTUP_TIMEOUT = 120  # seconds; a first start migrates the database
-STOP_TIMEOUT = 30  # seconds between SIGINT and SIGKILL
-
-# Run in the child itself, before it executes the real command: the kernel sends the child
-# SIGKILL when the thread that started it ends. PR_SET_PDEATHSIG = 1 (linux/prctl.h); it
-# survives execve. A parent that died before prctl is caught by the getppid check. Without
-# prctl (not Linux), the child runs unguarded and only a clean exit of its parent stops it.
-_DIE_WITH_PARENT = """\
-import ctypes, os, signal, sys
-prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-if prctl is not None and prctl(1, signal.SIGKILL) != 0:
-    sys.exit(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
-if os.getppid() != int(sys.argv[1]):
-    sys.exit("the parent process is gone")
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def die_with_parent(command: Sequence[str]) -> list[str]:
-    """``command`` (its first item a path) wrapped so that it is killed when this thread's
-    process dies: pass the result to subprocess.Popen from the thread that will wait on it."""
-    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 def configured_api_url() -> str | None:
@@ -58,23 +37,6 @@ def configured_api_url() -> str | None:
     from prefect.settings import PREFECT_API_URL
 
     return PREFECT_API_URL.value()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGINT, then SIGKILL if ``process`` has not exited within ``timeout`` seconds."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @contextmanager

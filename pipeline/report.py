@@ -60,8 +60,8 @@ def report_flow(params: Params) -> Path:
     seeds, the last sweep, learning curves and the confusion matrix."""
     history = read_table(paths.HISTORY, list(HISTORY_COLUMNS))
     accuracy = read_table(paths.ACCURACY, ["split", "accuracy", "loss"], text=["split"])
-    if sorted(accuracy["split"]) != sorted(SPLITS):
-        raise DataError(paths.ACCURACY, f"rows must be {', '.join(SPLITS)}, got "
+    if sorted(accuracy["split"]) not in (sorted(SPLITS), sorted([*SPLITS, "incoming"])):
+        raise DataError(paths.ACCURACY, f"rows must be {', '.join(SPLITS)} (and incoming), got "
                                         f"{', '.join(map(str, accuracy['split']))}")
     per_class = read_table(paths.CLASS_REPORT,
                            ["class", "precision", "recall", "f1-score", "support"], text=["class"])

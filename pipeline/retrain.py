@@ -1,11 +1,10 @@
 """The retraining flow: a DVC experiment, gated on validation accuracy, promoted by a commit.
 
-A retrain is `dvc exp run --temp` (the run's overrides as ``-S``, a name saying when and why),
-so the workspace is untouched while it trains and `dvc exp show` lists every retrain. Its
-validation accuracy is compared with the one committed at the HEAD it started from: a drop of
-more than ``retrain.max_accuracy_drop`` (or a gain under ``retrain.min_improvement``) refuses
-it and the run ends Failed; the test accuracy is reported beside it and never decides. A
-promoted run becomes one commit on the current branch whose tree is the experiment's, pushed
+A retrain is one DVC experiment run in a temporary copy (pipeline/experiments.py), so the
+workspace is untouched while it trains and `dvc exp show` lists every retrain. The gate
+(pipeline/gate.py) compares its validation accuracy with the one committed at the HEAD it
+started from; a refused run ends Failed, and HEAD's model stays. A promoted run becomes one
+commit on the current branch whose tree is the experiment's (pipeline/promotion.py), pushed
 first where a git remote and a DVC remote are configured, so the next retrain, on any machine,
 starts from it (docs/retraining.md).
 """
@@ -13,41 +12,46 @@ starts from it (docs/retraining.md).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import yaml
-from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.schedules import Cron
 
-from pipeline import paths
-from pipeline.dvc import (
-    committer_env,
+from pipeline import experiments, paths
+from pipeline.drift import Drift, measure
+from pipeline.experiments import Experiment
+from pipeline.gate import DECIDES, Outcome, judge, rule
+from pipeline.params import Params, load_params
+from pipeline.promotion import Candidate, blockers, promote
+from pipeline.summary import (
+    FLOW_NAME,
+    REPORTED,
+    changed_stages,
+    commit_message,
+    metrics_diff,
+    publish,
+    summary_markdown,
+)
+from pipeline.workspace import (
+    CommandFailed,
+    current_branch,
     default_dvc_remote,
-    describe_changes,
-    experiment_ref,
+    dvc,
     git,
     git_remote,
-    local_experiments,
-    remote_ref,
-    run_dvc,
+    head_commit,
+    remote_url,
     show,
-    uncommitted_changes,
     unshallow,
     workspace_lock,
 )
-from pipeline.params import Params, load_params
 
-FLOW_NAME, DEPLOYMENT = "fashionnet-retrain", "scheduled"
-RETRAIN_FROM = "train"  # `force` reruns this stage and every stage downstream of it
-DECIDES, REPORTED = "val", "test"  # metrics.json's accuracy keys: the gate's, the informative
+DEPLOYMENT = "scheduled"
 
 
 class RetrainRejected(RuntimeError):
@@ -55,38 +59,26 @@ class RetrainRejected(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Experiment:
-    """One retrain: its DVC experiment name and commit, and the commit it started from."""
+class RetrainResult:
+    """What a retrain did: its experiment, outcome (and in words), the promotion commit, and
+    the accuracies of the candidate and of the model committed at HEAD before it."""
 
-    name: str
-    rev: str
-    baseline: str
-
-
-def experiment_name(when: datetime, scheduled: bool, taken: set[str]) -> str:
-    """retrain-<UTC date>-<HHMM>-<scheduled|manual>, made unique among ``taken``."""
-    name = f"retrain-{when.astimezone(timezone.utc):%Y-%m-%d-%H%M}-"
-    name += "scheduled" if scheduled else "manual"
-    unique, n = name, 1
-    while unique in taken:  # DVC refuses a second experiment of one name on one commit
-        n += 1
-        unique = f"{name}-{n}"
-    return unique
+    experiment: str
+    outcome: Outcome
+    verdict: str
+    commit: str | None
+    accuracy: dict[str, float]
+    committed_accuracy: dict[str, float] | None
+    drift: Drift  # HEAD's model, before the retrain, on the incoming batches new to it
 
 
-def judge(old: float | None, new: float, max_drop: float, min_improvement: float = 0.0
-          ) -> str | None:
-    """Why the gate refuses a validation accuracy of ``new`` after ``old``; None to promote."""
-    if old is None:
-        return None
-    change = round(new - old, 9)  # accuracies are k/N: no float noise at the threshold
-    if -change > max_drop:
-        return (f"validation accuracy fell by {-change:.4f} ({old:.4f} -> {new:.4f}), more "
-                f"than retrain.max_accuracy_drop = {max_drop}")
-    if min_improvement > 0 and change < min_improvement:
-        return (f"validation accuracy changed by {change:+.4f} ({old:.4f} -> {new:.4f}), less "
-                f"than retrain.min_improvement = {min_improvement}")
-    return None
+def overrides_for(seed: int | None = None, set_params: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """A retrain's params.yaml overrides: ``set_params`` and ``seed`` as train.seed; a bad key
+    or value raises ConfigError naming it, before any work."""
+    overrides = {**(set_params or {}), **({"train.seed": seed} if seed is not None else {})}
+    load_params(overrides=overrides)
+    return overrides
 
 
 def accuracies(rev: str) -> dict[str, float] | None:
@@ -95,194 +87,82 @@ def accuracies(rev: str) -> dict[str, float] | None:
     return None if text is None else json.loads(text)["accuracy"]
 
 
-def override_args(params: Params, overrides: dict[str, object]) -> list[str]:
-    """``-S ++key=value`` for each override, its value as validated (JSON is a YAML subset);
-    ``++`` adds a key params.yaml lacks and sets one it has."""
-    values = params.model_dump(mode="json")
-    args = []
-    for dotted in overrides:
-        section, key = dotted.split(".")
-        args += ["-S", f"++{dotted}={json.dumps(values[section][key])}"]
-    return args
+@task(cache_policy=NO_CACHE)
+def measure_drift(baseline: str) -> Drift:
+    """The model at ``baseline`` on the incoming batches it has not trained on."""
+    found = measure(baseline)
+    if found.accuracy is not None:
+        get_run_logger().info("drift: HEAD's model on %d new incoming images: accuracy %.4f",
+                              found.images, found.accuracy)
+    return found
 
 
 @task(cache_policy=NO_CACHE)
 def fetch_data() -> None:
     """The data and model HEAD's dvc.lock names, from the DVC remote into DVC's cache (not the
     workspace), where the experiment's temporary copy checks them out."""
-    run_dvc("fetch")
+    dvc("fetch")
 
 
-@task(cache_policy=NO_CACHE, task_run_name="dvc-exp-run-{name}")
-def run_experiment(name: str, args: list[str], force: bool) -> Experiment:
-    """`dvc exp run --temp`: the pipeline in a temporary copy, the workspace untouched."""
-    baseline = git("rev-parse", "HEAD").strip()
-    forced = ["--force", "--downstream", RETRAIN_FROM] if force else []
-    run_dvc("exp", "run", "--temp", "--name", name, *forced, *args)
-    ref = experiment_ref(baseline, name)
-    if not git("for-each-ref", "--format=%(objectname)", ref).strip():
-        raise RuntimeError(f"`dvc exp run` ended without making experiment {name} ({ref})")
-    return Experiment(name, git("rev-parse", ref).strip(), baseline)
-
-
-@task(cache_policy=NO_CACHE)
-def push_experiment(run: Experiment, remote: str) -> None:
-    """`dvc exp push`: the experiment's commit to the git remote (refs/exps/...), its data to
-    the default DVC remote; a refused or deferred run is then still there to review."""
-    run_dvc("exp", "push", remote, run.name)
-    ref = experiment_ref(run.baseline, run.name)
-    if remote_ref(remote, ref) != run.rev:  # `dvc exp push` can end 0 having pushed nothing
-        raise RuntimeError(f"`dvc exp push` ended but git remote {remote} has no {ref}")
-
-
-def changed_stages(run: Experiment) -> dict[str, bool]:
-    """Each stage of dvc.yaml: whether its dvc.lock entry (deps, params, outs) differs from
-    the baseline's, i.e. whether the experiment produced a new result for it."""
-    stages = yaml.safe_load(show(run.rev, "dvc.yaml") or "{}").get("stages", {})
-    old, new = ((yaml.safe_load(show(rev, "dvc.lock") or "{}") or {}).get("stages", {})
-                for rev in (run.baseline, run.rev))
-    return {stage: old.get(stage) != new.get(stage) for stage in stages}
-
-
-def metrics_diff(run: Experiment) -> dict[str, dict[str, Any]]:
-    """`dvc metrics diff --all <baseline> <experiment>`: {path: {metric: {old, new, diff}}}."""
-    with Repo() as repo:
-        return repo.metrics.diff(a_rev=run.baseline, b_rev=run.rev, all=True).get("diff", {})
-
-
-def blockers(run: Experiment, branch: str) -> list[str]:
-    """Why the experiment cannot become a commit on ``branch`` without overwriting anything."""
-    found = []
-    head = git("rev-parse", "HEAD").strip()
-    current = git("rev-parse", "--abbrev-ref", "HEAD").strip()
-    if (head, current) != (run.baseline, branch):
-        found.append(f"HEAD moved from {branch} at {run.baseline[:8]} to {current} at "
-                     f"{head[:8]} while it ran")
-    if changed := uncommitted_changes():
-        found.append(f"uncommitted changes to {describe_changes(changed)}")
-    added = git("diff", "--name-only", "--diff-filter=A", run.baseline, run.rev).split()
-    if in_the_way := [p for p in added if os.path.lexists(p)]:
-        found.append(f"untracked files where the run adds its own: {describe_changes(in_the_way)}")
-    with Repo() as repo:
-        modified = sorted({path for entries in repo.status().values() for entry in entries
-                           if isinstance(entry, dict)
-                           for path, state in entry.get("changed outs", {}).items()
-                           if state == "modified"})
-    if modified:
-        found.append(f"DVC-tracked outputs changed in the workspace: {describe_changes(modified)}")
-    return found
-
-
-def upstream_ref(branch: str) -> str:
-    """The branch on the git remote that ``branch`` pushes to (branch.<name>.merge)."""
-    merge = git("config", "--default", "", f"branch.{branch}.merge").strip()
-    return merge or f"refs/heads/{branch}"
-
-
-@task(cache_policy=NO_CACHE)
-def promote(run: Experiment, branch: str, message: str, remote: str | None) -> str:
-    """One commit on ``branch`` whose tree is the experiment's, pushed to ``remote`` first
-    (its data already is, by push_experiment); then the branch, index and workspace here."""
-    tree = git("rev-parse", f"{run.rev}^{{tree}}").strip()
-    # commit-tree: the commit exists before any branch points at it, so a rejected push
-    # changes nothing here, and its files are exactly what the experiment committed.
-    commit = git("commit-tree", tree, "-p", run.baseline, "-m", message,
-                 env=committer_env()).strip()
-    logger = get_run_logger()
-    if remote:
-        target = upstream_ref(branch)
-        git("push", remote, f"{commit}:{target}")  # refused unless a fast-forward
-        if remote_ref(remote, target) != commit:
-            raise RuntimeError(f"{remote} {target} is not at {commit[:8]} after the push")
-        logger.info("pushed %s to %s %s", commit[:8], remote, target)
-    git("reset", "--quiet", "--keep", commit)  # refuses to overwrite a local change
-    run_dvc("checkout")  # the model and data the new dvc.lock names, from DVC's cache
-    logger.info("%s is now %s: %s", branch, commit[:8], message.splitlines()[0])
-    return commit
-
-
-def _cell(value: object, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.4f}" if signed else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def commit_message(run: Experiment, overrides: dict[str, object], old: dict | None,
-                   new: dict[str, float]) -> str:
-    """Subject: the run and the validation change; body: overrides, validation and test."""
-    def change(key: str) -> str:
-        if old is None:
-            return f"{new[key]:.4f} (nothing committed before)"
-        return f"{old[key]:.4f} -> {new[key]:.4f} ({new[key] - old[key]:+.4f})"
-
-    shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none"
-    return (f"Retrain {run.name}: validation accuracy {change(DECIDES)}\n\n"
-            f"Promoted by the {FLOW_NAME} flow from DVC experiment {run.name} ({run.rev[:8]}).\n"
-            f"Overrides: {shown}\n"
-            f"Validation accuracy: {change(DECIDES)}, decided the gate\n"
-            f"Test accuracy: {change(REPORTED)}, reported only\n")
-
-
-def summary_markdown(run: Experiment, verdict: str, overrides: dict[str, object],
-                     old: dict | None, new: dict[str, float], rule: str,
-                     stages: dict[str, bool], diff: dict[str, dict[str, Any]],
-                     advice: str = "") -> str:
-    """The run's summary: verdict, the deciding metric and the test one, stages, full diff.
-    Paragraphs are single lines: the Prefect UI renders a source newline as a line break."""
-    lines = [f"# FashionNet retrain `{run.name}`: {verdict}", "",
-             f"Decided by **validation accuracy** ({rule}); the test accuracy is reported "
-             "beside it and never decides.", "",
-             f"| Metric | HEAD ({run.baseline[:8]}) | This run ({run.rev[:8]}) | Change | Role |",
-             "|---|---|---|---|---|"]
-    for key, role in ((DECIDES, "decided the gate"), (REPORTED, "reported only")):
-        before = None if old is None else old[key]
-        lines.append(f"| accuracy.{key} | {_cell(before)} | {_cell(new[key])} | "
-                     f"{_cell(None if before is None else new[key] - before, signed=True)} | "
-                     f"{role} |")
-    shown = ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "none"
-    lines += ["", f"Overrides: {shown}"]
-    if advice:
-        lines += ["", advice]
-    lines += ["", "| Stage | Against HEAD |", "|---|---|"]
-    lines += [f"| {stage} | {'new result' if did else 'same as HEAD'} |"
-              for stage, did in stages.items()]
-    lines += ["", "## Every metric (`dvc metrics diff --all`)", "",
-              "| Path | Metric | HEAD | This run | Change |", "|---|---|---|---|---|"]
-    for path, metrics in diff.items():
-        for name, change in metrics.items():
-            lines.append(f"| {path} | {name} | {_cell(change.get('old'))} | "
-                         f"{_cell(change.get('new'))} | {_cell(change.get('diff'))} |")
-    return "\n".join(lines) + "\n"
-
-
-def publish(summary: str, run: Experiment) -> None:
-    """The summary, the run's per-class table and report, as this flow run's artifacts."""
-    create_markdown_artifact(summary, key="fashionnet-retrain-summary",
-                             description="Retrain verdict: validation decides, test reported")
-    if (table := show(run.rev, paths.CLASS_REPORT)) is not None:
-        from io import StringIO
-
-        per_class = pd.read_csv(StringIO(table)).round(4).to_dict("records")
-        create_table_artifact(per_class, key="fashionnet-retrain-per-class",
-                              description="Per-class test metrics of the retrained model")
-    if (report := show(run.rev, paths.REPORT)) is not None:
-        create_markdown_artifact(report, key="fashionnet-retrain-report",
-                                 description="reports/report.md of the retrained model")
-
-
-def _started() -> tuple[datetime, bool]:
-    """When this flow run was due (a scheduled run: its slot), and whether a schedule made it."""
+def _started(ingested: str | None) -> tuple[datetime, str]:
+    """When this flow run was due (a scheduled run: its slot), and what started it: its
+    schedule, new data (the ingest event's trigger) or a person."""
     context = FlowRunContext.get()
     run = context.flow_run if context else None
+    why = "ingested" if ingested else "manual"
     if run is None or run.expected_start_time is None:
-        return datetime.now(timezone.utc), False
-    return run.expected_start_time, bool(run.auto_scheduled)
+        return datetime.now(timezone.utc), why
+    return run.expected_start_time, "scheduled" if run.auto_scheduled else why
+
+
+def _check_ingested(commit: str) -> None:
+    """The commit an ingest event names must be in the history being retrained."""
+    try:
+        git("merge-base", "--is-ancestor", commit, "HEAD")
+    except CommandFailed:
+        raise RuntimeError(f"the ingested commit {commit[:8]} is not in this clone's history "
+                           f"at {head_commit()[:8]}: was the branch rewritten?") from None
+
+
+def _settle(run: Candidate, params: Params, overrides: dict[str, Any], branch: str,
+            remote: str | None) -> tuple[Outcome, str, str | None, str]:
+    """The gate's decision, and the promotion where it passes: (outcome, verdict in words,
+    the promotion commit, advice for the summary). A failed promotion publishes its summary
+    and raises."""
+    old, new = accuracies(run.baseline), accuracies(run.rev)
+    gate = params.retrain
+    refused = judge(None if old is None else old[DECIDES], new[DECIDES],
+                    gate.max_accuracy_drop, gate.min_improvement)
+    by_hand = (f"To promote it by hand: `dvc exp apply {run.name}`, then commit what it changed"
+               + (f", `dvc push` and `git push` ({remote} holds the experiment: "
+                  f"`dvc exp pull {remote} {run.name}` first on another machine)."
+                  if remote else "."))
+    if refused:
+        return Outcome.REFUSED, f"refused, HEAD's model stays: {refused}", None, ""
+    if run.same_tree():
+        return (Outcome.UNCHANGED, "passed the gate, nothing changed: HEAD's model stands",
+                None, "")
+    if reasons := blockers(run, branch):
+        return (Outcome.NOT_APPLIED, "passed the gate, not applied: " + "; ".join(reasons),
+                None, by_hand)
+    try:
+        commit, version = promote(run, branch, commit_message(run, overrides, old, new), remote)
+    except Exception as e:
+        verdict = f"passed the gate, promotion failed, {branch} unchanged: {e}"
+        publish(summary_markdown(run, verdict, overrides, old, new, rule(gate),
+                                 changed_stages(run), metrics_diff(run), by_hand), run)
+        raise
+    pushed = f", pushed to {remote}" if remote else ""
+    return (Outcome.PROMOTED, f"promoted as commit {commit[:8]} on {branch}, registered as "
+                              f"{version} at stage prod{pushed}", commit,
+            f"To undo it: `git revert {commit[:8]}`, then `dvc checkout`"
+            + (", `git push`." if remote else "."))
 
 
 @flow(name=FLOW_NAME)
 def retrain_flow(force: bool = False, seed: int | None = None,
-                 set_params: dict[str, Any] | None = None, name: str | None = None
-                 ) -> dict[str, Any]:
+                 set_params: dict[str, Any] | None = None, name: str | None = None,
+                 ingested: str | None = None) -> RetrainResult:
     """Retrain as a DVC experiment, gate it on validation accuracy, commit it if it passes.
 
     Args:
@@ -290,75 +170,64 @@ def retrain_flow(force: bool = False, seed: int | None = None,
         seed: train.seed for this run.
         set_params: params.yaml keys for this run, as `dvc exp run -S` sets them, e.g.
             {"train.epochs": 5}; committed with the model if it is promoted.
-        name: the experiment's name; default retrain-<UTC date>-<HHMM>-<scheduled|manual>.
+        name: the experiment's name; default
+            retrain-<UTC date>-<HHMM>-<scheduled|ingested|manual>.
+        ingested: the commit of the `fashionnet ingest --push` whose event started this run
+            (the deployment's trigger); it must be in the history retrained.
     """
-    logger = get_run_logger()
-    overrides = {**(set_params or {}), **({"train.seed": seed} if seed is not None else {})}
-    params = load_params(overrides=overrides)  # bad overrides fail here, before any work
-    with workspace_lock():
-        branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
-        if branch == "HEAD":
-            raise RuntimeError("HEAD is detached: check out the branch a promotion commits to")
+    overrides = overrides_for(seed, set_params)
+    params = load_params(overrides=overrides)
+    with workspace_lock("retrain"):
+        branch = current_branch()
         remote, storage = git_remote(), default_dvc_remote()
         unshallow(remote)
         if storage:
             fetch_data()
-        name = name or experiment_name(*_started(), local_experiments())
-        run = run_experiment(name, override_args(params, overrides), force)
-        if remote and storage:
-            push_experiment(run, remote)
+        if ingested:
+            _check_ingested(ingested)
+        baseline = head_commit()
+        name = name or experiments.dated_name("retrain", *_started(ingested),
+                                              set(experiments.finished(baseline)))
+        drift = measure_drift(baseline)  # HEAD's model on the data it has not seen yet
+        experiments.run([Experiment(name, overrides)], baseline, force=force)
+        run = Candidate(name, experiments.commit_of(baseline, name) or "", baseline)
+        shared = remote if remote and storage else None  # pushed only where both remotes are
+        if shared:
+            experiments.push(name, baseline, shared)
         else:
-            logger.info("not pushed: %s", "no DVC remote (core.remote)" if remote
-                        else "no git remote")
-        old, new = accuracies(run.baseline), accuracies(run.rev)
-        if new is None:
-            raise RuntimeError(f"experiment {name} has no {paths.METRICS_JSON}")
-        gate = params.retrain
-        rule = (f"a drop of at most retrain.max_accuracy_drop = {gate.max_accuracy_drop}"
-                + (f" and a gain of at least retrain.min_improvement = {gate.min_improvement}"
-                   if gate.min_improvement > 0 else "")
-                + " against HEAD's")
-        refused = judge(None if old is None else old[DECIDES], new[DECIDES],
-                        gate.max_accuracy_drop, gate.min_improvement)
-        apply = (f"To promote it by hand: `dvc exp apply {name}`, then commit what it changed"
-                 + (f", `dvc push` and `git push` ({remote} holds the experiment: "
-                    f"`dvc exp pull {remote} {name}` first on another machine)."
-                    if remote and storage else "."))
-        commit, advice = None, ""
-        if refused:
-            verdict = f"refused, HEAD's model stays: {refused}"
-        elif git("rev-parse", f"{run.rev}^{{tree}}") == git("rev-parse",
-                                                             f"{run.baseline}^{{tree}}"):
-            verdict = "passed the gate, nothing changed: HEAD's model stands"
-        elif reasons := blockers(run, branch):
-            verdict = "passed the gate, not applied: " + "; ".join(reasons)
-            advice = apply
-        else:
-            message = commit_message(run, overrides, old, new)
-            try:
-                commit = promote(run, branch, message, remote if storage else None)
-            except Exception as e:
-                verdict = f"passed the gate, promotion failed, {branch} unchanged: {e}"
-                publish(summary_markdown(run, verdict, overrides, old, new, rule,
-                                         changed_stages(run), metrics_diff(run), apply), run)
-                raise
-            pushed = f", pushed to {remote}" if remote and storage else ""
-            verdict = f"promoted as commit {commit[:8]} on {branch}{pushed}"
-            advice = (f"To undo it: `git revert {commit[:8]}`, then `dvc checkout`"
-                      + (", `git push`." if pushed else "."))
-        publish(summary_markdown(run, verdict, overrides, old, new, rule, changed_stages(run),
-                                 metrics_diff(run), advice), run)
-    if refused:
-        raise RetrainRejected(f"{name}: {refused}; HEAD's model and metrics are kept")
-    logger.info("%s %s: validation accuracy %.4f, test %.4f", name, verdict, new[DECIDES],
-                new[REPORTED])
-    return {"experiment": name, "verdict": verdict, "commit": commit,
-            "val_accuracy": new[DECIDES], "test_accuracy": new[REPORTED],
-            "committed_val_accuracy": None if old is None else old[DECIDES],
-            "committed_test_accuracy": None if old is None else old[REPORTED]}
+            get_run_logger().info("not pushed: %s", "no DVC remote (core.remote)" if remote
+                                  else "no git remote")
+        outcome, verdict, commit, advice = _settle(run, params, overrides, branch, shared)
+        old, new = accuracies(baseline), accuracies(run.rev)
+        publish(summary_markdown(run, verdict, overrides, old, new, rule(params.retrain),
+                                 changed_stages(run), metrics_diff(run), advice, drift), run)
+    if outcome is Outcome.REFUSED:
+        raise RetrainRejected(f"{name}: {verdict}; HEAD's model and metrics are kept")
+    get_run_logger().info("%s %s: validation accuracy %.4f, test %.4f", name, verdict,
+                          new[DECIDES], new[REPORTED])
+    return RetrainResult(name, outcome, verdict, commit, new, old, drift)
+
+
+def served_triggers(prefect_file: Path = Path("prefect.yaml")) -> list[Any]:
+    """prefect.yaml's triggers of the scheduled deployment, for this workspace's repository
+    (its git remote origin, as `prefect deploy` fills in ``{{ git-remote.stdout }}``); none
+    without a git remote: then no ingest here can push, nor emit the event."""
+    import yaml
+    from prefect.events import DeploymentEventTrigger
+
+    url = remote_url()
+    (entry,) = [d for d in yaml.safe_load(prefect_file.read_text(encoding="utf-8"))
+                ["deployments"] if d["name"] == DEPLOYMENT]
+    if url is None:
+        return []
+    return [DeploymentEventTrigger(**{
+        **spec, "match": {key: value.replace("{{ git-remote.stdout }}", url)
+                          for key, value in spec["match"].items()}})
+        for spec in entry.get("triggers", [])]
 
 
 def serve(cron: str) -> None:
-    """Serve fashionnet-retrain/scheduled in this workspace on ``cron`` (UTC), one run at a
-    time, until SIGINT or SIGTERM."""
-    retrain_flow.serve(name=DEPLOYMENT, schedules=[Cron(cron, timezone="UTC")], limit=1)
+    """Serve fashionnet-retrain/scheduled in this workspace on ``cron`` (UTC) and on the ingest
+    event (prefect.yaml's trigger), one run at a time, until SIGINT or SIGTERM."""
+    retrain_flow.serve(name=DEPLOYMENT, schedules=[Cron(cron, timezone="UTC")],
+                       triggers=served_triggers(), limit=1)

@@ -8,7 +8,7 @@ import os
 # thread waits on a descheduled partner, and a 2-epoch test run took 10 s instead of 1.6 s
 # (docs/performance.md, Threads). Set before torch loads libgomp; subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from fashionnet.data import LabeledImages
 from fashionnet.idx import RAW_FILES, load_raw
 from pipeline.prefect_server import prefect_server
 from tests.helpers import copy_repo, repo_env
-from tests.servers import authed_prefect, git_remote, s3  # noqa: F401 (fixtures for all tests)
+from tests.servers import authed_prefect, git_remote, remotes, s3  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +50,12 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("prefect-home")
     with prefect_server({"PREFECT_HOME": str(home)}, ui=False) as url:
         yield url
+        # What in-process runs left to send, sent while the server is still up.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +78,25 @@ def cli_env(repo_copy: Path, prefect_api: str, raw_dir: Path) -> dict[str, str]:
     """Environment for `fashionnet` / `dvc` run in ``repo_copy``, on the copy's code, against
     the session's Prefect server, with the real data as the local source."""
     return repo_env(repo_copy, prefect_api, raw_dir)
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        ) -> Callable[..., tuple[int, str, str]]:
+    """``cli(directory, *args)``: `fashionnet ARGS` run in process in ``directory``, for tests
+    where no process boundary is the point; (exit status, stdout, stderr)."""
+    from pipeline import cli as command
+
+    monkeypatch.setattr(command, "_configure_prefect", lambda: None)  # no global log set-up
+
+    def call(directory: Path, *args: str) -> tuple[int, str, str]:
+        monkeypatch.chdir(directory)
+        capsys.readouterr()
+        try:
+            code = command.main(list(args))
+        except SystemExit as e:  # argparse's refusal of a malformed command line
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

@@ -8,12 +8,16 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
@@ -73,10 +77,12 @@ def pipeline_results() -> set[str]:
 
 
 def copy_repo(dest: Path, results: bool = False) -> Path:
-    """A git + DVC checkout of this repository's tracked files at ``dest``, as a user would
-    clone it; without the committed pipeline results (dvc.lock, metrics, report) unless
+    """A git + DVC checkout of this repository's files at ``dest``, as a user would clone it
+    (the working tree's files that git tracks or would track: new modules included, ignored
+    ones left out); without the committed pipeline results (dvc.lock, metrics, report) unless
     ``results``, so that tests start from a repository that has never run."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard"], cwd=REPO, capture_output=True,
                            check=True).stdout.decode().split("\0")
     skip = set() if results else pipeline_results()
     for name in filter(None, files):
@@ -105,3 +111,17 @@ def set_params(repo: Path, **changes: object) -> None:
         section, key = dotted.split(".")
         params[section][key] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@contextmanager
+def prefect_client(api_url: str, auth_string: str | None = None) -> Iterator[SyncPrefectClient]:
+    """Prefect's own client for the server at ``api_url`` (basic auth with ``auth_string``):
+    the tests read runs, artifacts and deployments as the CLI and the UI do."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    settings: dict[Any, Any] = {PREFECT_API_URL: api_url}
+    if auth_string:
+        settings[PREFECT_API_AUTH_STRING] = auth_string
+    with temporary_settings(settings), get_client(sync_client=True) as client:
+        yield client

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,13 +23,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from uuid import UUID
 
 import psutil
 import pytest
 
-from pipeline.prefect_server import free_port, prefect_server
-from pipeline.prefect_server import stop as stop_pid
-from tests.helpers import wait_for
+from pipeline import paths
+from pipeline.prefect_server import prefect_server
+from pipeline.processes import free_port
+from pipeline.processes import stop as stop_pid
+from tests.helpers import copy_repo, git, ok, prefect_client, repo_env, set_params, wait_for
 
 BIN = Path(sys.executable).parent
 STOP_TIMEOUT = 20.0  # seconds between SIGINT and SIGKILL
@@ -179,3 +183,90 @@ def s3(tmp_path: Path) -> Iterator[S3Server]:
 def git_remote(tmp_path: Path) -> Path:
     """A bare git repository as the git remote, for one test."""
     return bare_git_remote(tmp_path / "remote.git")
+
+
+# --- a trained repository on a git remote and a DVC remote ---------------------------------
+
+
+@dataclass(frozen=True)
+class Remotes:
+    """A bare git repository and a local-directory DVC remote holding a trained baseline."""
+
+    git_dir: Path
+    storage: Path
+
+    @property
+    def url(self) -> str:
+        return self.git_dir.as_uri()  # file://: git_clone's --depth 1 clone, as from a server
+
+    def copy(self, dest: Path) -> Remotes:
+        """A copy for one test to change."""
+        own = Remotes(dest / "origin.git", dest / "storage")
+        shutil.copytree(self.git_dir, own.git_dir)
+        shutil.copytree(self.storage, own.storage)
+        return own
+
+
+@pytest.fixture(scope="module")
+def remotes(tmp_path_factory, prefect_api: str, raw_dir: Path) -> Remotes:
+    """The repository on tiny params, trained once with `dvc repro`, committed and pushed to
+    a bare git remote (branch main) and a DVC remote it names in .dvc/config."""
+    root = tmp_path_factory.mktemp("remotes")
+    found = Remotes(root / "origin.git", root / "storage")
+    git(root, "init", "-q", "--bare", str(found.git_dir))
+    git(found.git_dir, "symbolic-ref", "HEAD", "refs/heads/main")  # what a clone checks out
+    repo = copy_repo(root / "first")
+    env = repo_env(repo, prefect_api, raw_dir)
+    git(repo, "branch", "-M", "main")
+    set_params(repo, **{"split.limit": 300, "split.val_size": 1000, "train.epochs": 1})
+    ok(repo, env, "dvc", "remote", "add", "-d", "storage", str(found.storage))
+    git(repo, "commit", "-qam", "tiny params, a DVC remote")
+    ok(repo, env, "dvc", "repro")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline model")
+    ok(repo, env, "dvc", "push")
+    git(repo, "remote", "add", "origin", found.url)
+    git(repo, "push", "-q", "-u", "origin", "main")
+    return found
+
+
+def clone(url: str, dest: Path, prefect_api: str, raw_dir: Path,
+          storage: Path | None = None) -> tuple[Path, dict[str, str]]:
+    """A user's clone of ``url`` with its data pulled (from ``storage`` if given)."""
+    git(dest.parent, "clone", "-q", url, str(dest))
+    env = repo_env(dest, prefect_api, raw_dir)
+    if storage:
+        ok(dest, env, "dvc", "remote", "modify", "--local", "storage", "url", str(storage))
+    ok(dest, env, "dvc", "pull")
+    return dest, env
+
+
+def craft_head(repo: Path, env: dict[str, str], val: float, test: float) -> None:
+    """Commit metrics/metrics.json at HEAD with these accuracies, recorded in dvc.lock (`dvc
+    commit`) so that `dvc status` stays clean: the gate compares with HEAD's figures."""
+    path = repo / paths.METRICS_JSON
+    metrics = json.loads(path.read_text())
+    metrics["accuracy"].update(val=val, test=test)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    ok(repo, env, "dvc", "commit", "--force", "evaluate")
+    git(repo, "commit", "-qam", f"crafted: val {val}, test {test}")
+
+
+def artifacts(prefect_api: str, flow_run_id: UUID) -> dict[str, str]:
+    """The keyed artifacts of a flow run: {key: data}."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with prefect_client(prefect_api) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.data for a in found if a.key}  # keyless ones: Prefect's stored results
+
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def state_of(prefect_api: str, flow_run_id: UUID) -> str | None:
+    """The run's state type once it is final, else None."""
+    with prefect_client(prefect_api) as client:
+        state = client.read_flow_run(flow_run_id).state
+    return state.type.value if state is not None and state.type.value in FINAL else None

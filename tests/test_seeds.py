@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +12,7 @@ import yaml
 
 from pipeline import paths
 from pipeline.seeds import COLUMNS
-from tests.helpers import REPO, copy_repo, git, repo_env, set_params, wait_for
+from tests.helpers import REPO, copy_repo, git, ok, repo_env, run, set_params, wait_for
 
 
 def test_committed_seeds_file_has_the_flows_columns():
@@ -21,22 +20,16 @@ def test_committed_seeds_file_has_the_flows_columns():
     assert header.split(",") == COLUMNS
 
 
-@pytest.mark.slow
-def test_seeds_cli_refuses_bad_arguments_before_queueing(repo_copy: Path, cli_env):
-    for args, message in ((["--jobs", "0"], "below 1"), (["x"], "invalid int value"),
-                          (["--", "-1"], "train.seed")):
-        result = subprocess.run(["fashionnet", "seeds", *args], cwd=repo_copy, env=cli_env,
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2, result.stderr
-        assert message in result.stderr
-    queue = subprocess.run(["dvc", "queue", "status"], cwd=repo_copy, env=cli_env,
-                           capture_output=True, text=True, check=True).stdout
-    assert "No experiment tasks" in queue
-
-
-def run(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=900)
+@pytest.mark.parametrize(("args", "message"), [
+    (["--jobs", "0"], "argument -j/--jobs: '0' is below 1"),
+    (["x"], "argument SEED: invalid int value: 'x'"),
+    (["--", "-1"], "fashionnet seeds: error: override train.seed: Input should be greater "
+                   "than or equal to 0 (got -1)")])
+def test_seeds_refuses_bad_arguments_before_anything_runs(repo_copy, cli_env, cli, args,
+                                                          message):
+    code, _, err = cli(repo_copy, "seeds", *args)
+    assert code == 2 and message in err.splitlines()[-1], err
+    assert "No experiment tasks" in ok(repo_copy, cli_env, "dvc", "queue", "status")
 
 
 @pytest.mark.slow
@@ -72,6 +65,13 @@ def test_seeds_runs_experiments_records_them_and_applies_the_own_seed(tmp_path, 
     assert "| train.seed 7 |" in text and "mean ± std, 2 seeds" in text
     assert "Data and pipelines are up to date" in run(repo, env, "dvc", "status").stdout
 
+    # Again on the same commit: the finished experiment is the result, nothing runs.
+    again = run(repo, env, "fashionnet", "seeds", "7")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "$ dvc exp run" not in again.stdout
+    assert pd.read_csv(repo / paths.SEEDS).to_dict("records") == \
+        seeds[seeds["seed"] == 7].to_dict("records")
+
 
 @pytest.mark.slow
 def test_a_failed_seed_run_fails_and_changes_nothing(tmp_path, prefect_api, raw_dir):
@@ -91,32 +91,28 @@ def test_a_failed_seed_run_fails_and_changes_nothing(tmp_path, prefect_api, raw_
     assert not (repo / "dvc.lock").exists() and not (repo / paths.METRICS_JSON).exists()
 
 
-@pytest.mark.slow
-def test_uncommitted_changes_are_refused_before_anything_is_queued(repo_copy, cli_env):
+def test_uncommitted_changes_are_refused_before_anything_runs(repo_copy, cli_env, cli):
     readme = repo_copy / "README.md"
     readme.write_text(readme.read_text() + "\nwork in progress\n")
-    result = run(repo_copy, cli_env, "fashionnet", "seeds")
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "uncommitted changes to README.md" in result.stderr
+    code, out, err = cli(repo_copy, "seeds")
+    assert code == 1, out + err
+    assert err.splitlines() == [
+        "fashionnet seeds: failed: UncommittedChanges: uncommitted changes to README.md: "
+        "commit or stash them first (`dvc exp apply` at the end would overwrite them)"]
     assert readme.read_text().endswith("work in progress\n")
-    queue = run(repo_copy, cli_env, "dvc", "exp", "list", "--all-commits").stdout
-    assert "seed-" not in queue
-    assert "No experiment tasks" in run(repo_copy, cli_env, "dvc", "queue", "status").stdout
+    assert ok(repo_copy, cli_env, "dvc", "exp", "list", "--all-commits", "--name-only") == ""
+    assert "No experiment tasks" in ok(repo_copy, cli_env, "dvc", "queue", "status")
 
 
-def test_seeds_cli_refuses_a_bad_recipe_naming_file_and_key(repo_copy: Path, cli_env):
-    # One CLI start-up; load_recipe's other refusals are in tests/test_recipe.py.
+def test_seeds_refuses_a_recipe_that_sets_the_seed(repo_copy, cli_env, cli):
+    # load_recipe's other refusals are in tests/test_recipe.py.
     (repo_copy / "recipes" / "seeded.yaml").write_text("train.flip: random\ntrain.seed: 3\n")
-    result = subprocess.run(["fashionnet", "seeds", "--recipe", "recipes/seeded.yaml"],
-                            cwd=repo_copy, env=cli_env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stdout + result.stderr
-    assert "recipes/seeded.yaml: train.seed" in lines[0], lines[0]
-    queue = subprocess.run(["dvc", "queue", "status"], cwd=repo_copy, env=cli_env,
-                           capture_output=True, text=True, check=True).stdout
-    assert "No experiment tasks" in queue
+    code, out, err = cli(repo_copy, "seeds", "--recipe", "recipes/seeded.yaml")
+    assert code == 2, out + err
+    assert err.splitlines() == [
+        "fashionnet seeds: error: recipes/seeded.yaml: train.seed: is set per run by "
+        "`fashionnet seeds`; remove it from the recipe"]
+    assert "No experiment tasks" in ok(repo_copy, cli_env, "dvc", "queue", "status")
 
 
 @pytest.mark.slow
@@ -140,7 +136,7 @@ def test_seeds_with_a_recipe_records_its_runs_apart_and_applies_nothing(tmp_path
     try:
         # A commit while the run is under way, once its train stage is done: the runs are
         # filed under the commit they started from, and are still found there.
-        wait_for(lambda: list(repo.glob(".dvc/tmp/exps/*/models/train_info.json")),
+        wait_for(lambda: list(repo.glob(".dvc/tmp/exps/**/models/train_info.json")),
                  "the experiment's train stage", timeout=300, proc=proc,
                  log=tmp_path / "seeds.log")
         git(repo, "commit", "-q", "--allow-empty", "-m", "work done meanwhile")

@@ -1,0 +1,102 @@
+"""Child processes that never outlive the process that started them, however it ends.
+
+A process killed with SIGKILL runs no cleanup, so its children cannot be stopped by it: the
+kernel has to. Each child is started through a few lines of Python that ask Linux to signal it
+when its parent dies (``prctl(PR_SET_PDEATHSIG)``) before running the command; the same
+mechanism the Prefect servers of pipeline/prefect_server.py use. Without prctl (not Linux) the
+child runs unguarded and only a clean exit of its parent stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+
+STOP_TIMEOUT = 30  # seconds between SIGINT and SIGKILL
+
+GRACE = 1.0  # seconds a supervised process group has to exit on SIGINT before SIGKILL
+
+# Run as the child; then, in its place, the command (exec: signals reach the command itself).
+# PR_SET_PDEATHSIG = 1 (linux/prctl.h); it survives execve. A parent that died before prctl is
+# caught by the getppid check.
+_EXEC = """\
+import ctypes, os, signal, sys
+prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+if prctl is not None and prctl(1, signal.SIGKILL) != 0:
+    sys.exit(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the parent process is gone")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+# Run as the child: the supervisor of a process group that holds the command and whatever it
+# starts. On its parent's death (the death signal is SIGTERM here) or on SIGINT/SIGTERM, the
+# group gets SIGINT, then SIGKILL after GRACE seconds.
+_SUPERVISE = """\
+import ctypes, os, signal, subprocess, sys
+prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+if prctl is not None and prctl(1, signal.SIGTERM) != 0:
+    sys.exit(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the parent process is gone")
+grace = float(sys.argv[2])
+child = subprocess.Popen(sys.argv[3:], start_new_session=True)
+
+def signal_group(signum):
+    try:
+        os.killpg(child.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+def stop(signum, _frame):
+    signal_group(signal.SIGINT)
+    try:
+        child.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    signal_group(signal.SIGKILL)  # the command and all it started, however far it got
+    os._exit(128 + signum)
+
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, stop)
+code = child.wait()
+signal_group(signal.SIGKILL)  # what the command left running in its group
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def die_with_parent(command: Sequence[str], group: bool = False) -> list[str]:
+    """``command`` (its first item a path) wrapped so that it dies with this thread's process,
+    however that ends: pass the result to subprocess.Popen from the thread that will wait on it
+    (the death signal follows the thread that forked).
+
+    ``group=False``: the command runs in the wrapper's place and gets SIGKILL. ``group=True``:
+    a supervisor runs the command in a process group of its own and ends the whole group, the
+    processes the command started included (`dvc exp run` -> `fashionnet train`), with SIGINT
+    then SIGKILL after GRACE seconds; SIGINT or SIGTERM sent to the supervisor does the same.
+    """
+    if group:
+        return [sys.executable, "-c", _SUPERVISE, str(os.getpid()), str(GRACE), *command]
+    return [sys.executable, "-c", _EXEC, str(os.getpid()), *command]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGINT, then SIGKILL if ``process`` has not exited within ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -1,0 +1,89 @@
+"""Sharing new data: what a DVC user does by hand after `dvc add` (`git commit`, `dvc push`,
+`git push`), then the Prefect event that tells the retraining deployment about it.
+
+The event, ``fashionnet.data.ingested``, is about the repository: its resource id is
+``fashionnet.repository.<URL of git remote origin>``, the same id the deployment's trigger in
+prefect.yaml matches (``{{ git-remote.stdout }}`` is that URL where `prefect deploy` runs), so a
+deployment reacts to its own repository only. Its payload names the commit and the batches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fashionnet.errors import ConfigError
+from pipeline import paths
+from pipeline.workspace import (
+    committer_env,
+    current_branch,
+    default_dvc_remote,
+    dvc,
+    git,
+    git_remote,
+    head_commit,
+    remote_url,
+    upstream_ref,
+)
+
+log = logging.getLogger("fashionnet")
+EVENT = "fashionnet.data.ingested"
+RESOURCE_PREFIX = "fashionnet.repository."
+
+
+def resource_id(url: str) -> str:
+    """The event resource of the repository whose git remote is at ``url``."""
+    return f"{RESOURCE_PREFIX}{url}"
+
+
+def check_push() -> None:
+    """Refuse (ConfigError, exit 2) unless a push can go through: a branch, a git remote, a
+    default DVC remote and the Prefect server the retraining deployment listens on."""
+    from pipeline.prefect_server import configured_api_url
+
+    try:
+        current_branch()
+    except RuntimeError as e:
+        raise ConfigError("--push", str(e)) from None
+    if git_remote() is None:
+        raise ConfigError("--push", "needs a git remote: `git remote add origin URL`")
+    if default_dvc_remote() is None:
+        raise ConfigError("--push", "needs a default DVC remote: `dvc remote add -d NAME URL` "
+                                    "(docs/distributed.md)")
+    if not configured_api_url():
+        raise ConfigError("--push", "emits an event to the Prefect server of the retraining "
+                                    "deployment: set PREFECT_API_URL (and "
+                                    "PREFECT_API_AUTH_STRING)")
+
+
+def push_batch(batch: str, images: int, sources: list[str]) -> str:
+    """Commit data/incoming/ (the manifest and the batch's .dvc file), `dvc push` the batch,
+    `git push` the branch, and emit the event; the commit."""
+    remote = git_remote() or "origin"
+    branch = current_branch()
+    git("add", str(paths.INCOMING_DIR))
+    shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+    git("commit", "--quiet", "-m", f"Ingest batch {batch}: {images} images from {shown}",
+        "--", str(paths.INCOMING_DIR), env=committer_env())
+    commit = head_commit()
+    dvc("push", str(paths.INCOMING_DIR / f"{batch}.npz.dvc"), log=False)
+    git("push", "--quiet", remote, f"{commit}:{upstream_ref(branch)}")
+    emit(commit, [batch], remote)
+    log.info("batch %s committed as %s, pushed to %s and the DVC remote", batch, commit[:8],
+             remote)
+    return commit
+
+
+def emit(commit: str, batches: list[str], remote: str = "origin") -> None:
+    """The ``fashionnet.data.ingested`` event for ``commit``, sent before returning."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    url = remote_url(remote) or remote
+    emitted = emit_event(EVENT, resource={"prefect.resource.id": resource_id(url),
+                                          "prefect.resource.name": url},
+                         payload={"commit": commit, "batches": batches,
+                                  "branch": current_branch()})
+    EventsWorker.drain_all(timeout=30)  # sent now: the process may end next
+    if emitted is None:
+        raise RuntimeError(f"the {EVENT} event could not be emitted (Prefect events are off)")
+    log.info("emitted %s for %s (event %s)", EVENT, url, emitted.id)
