@@ -50,8 +50,10 @@ def test_bad_params_exit_2_naming_the_key(workspace, cli, key, value, problem):
     assert files(workspace) == before  # nothing written
 
 
+@pytest.mark.slow
 def test_the_installed_command_exits_2_with_one_line_on_stderr(workspace):
-    """The process as a whole: its exit status, and nothing else on stderr (no traceback)."""
+    """The process as a whole: its exit status, and nothing else on stderr (no traceback).
+    Slow: the interpreter's start-up and imports are most of 4 s."""
     set_params(workspace, **{"train.lr": "fast"})
     result = run(workspace, None, BIN / "fashionnet", "train")
     assert (result.returncode, result.stdout, result.stderr) == (
