@@ -13,9 +13,9 @@ import pytest
 
 from tests.helpers import BIN, REPO, run, set_params
 
-# The commands of the contract (../shared/CONTRACT.md) that this CLI has.
+# The commands of the contract (../shared/CONTRACT.md); more are allowed.
 COMMANDS = ("download", "split", "train", "evaluate", "report", "retrain", "serve", "seeds",
-            "sweep", "predict")
+            "sweep", "predict", "ingest")
 STAGES = COMMANDS[:5]
 
 
