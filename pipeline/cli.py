@@ -305,7 +305,16 @@ def _prepare(args: argparse.Namespace, params: Params) -> Callable[[], object]:
 
         return lambda: serve(params.schedule.cron)
     stage = importlib.import_module(f"pipeline.{args.command}")  # only the stage's imports
-    return lambda: getattr(stage, f"{args.command}_flow")(params)
+
+    def run_stage() -> object:
+        from prefect import tags
+
+        from pipeline.processes import stage_tags
+
+        with tags(*stage_tags()):  # the flow run that started it, if one did
+            return getattr(stage, f"{args.command}_flow")(params)
+
+    return run_stage
 
 
 @contextlib.contextmanager

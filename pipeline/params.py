@@ -20,6 +20,10 @@ from fashionnet.split import SplitConfig
 from fashionnet.train import TrainConfig
 
 PARAMS_FILE = Path("params.yaml")
+# Bounds on what a params or recipe file may cost to read: params.yaml is about 2 KB, 60 values.
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 16
+MAX_NODES = 2_000
 
 
 class DownloadConfig(BaseModel):
@@ -38,7 +42,7 @@ class DownloadConfig(BaseModel):
     def _http_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for url in value:
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+                raise ValueError(f"{excerpt(url)} is not an http:// or https:// URL")
         return value
 
 
@@ -56,7 +60,8 @@ class ScheduleConfig(BaseModel):
         try:
             CronSim(value, datetime.now(timezone.utc))
         except CronSimError as e:
-            raise ValueError(f"{value!r} is not a five-field cron expression ({e})") from None
+            raise ValueError(f"{excerpt(value)} is not a five-field cron expression "
+                             f"({e})") from None
         return value
 
 
@@ -88,33 +93,69 @@ class Params(BaseModel):
 
 def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
+    key = key if len(key) <= 60 else key[:57] + "..."
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: missing"
     if error["type"] == "value_error":  # our validators' messages quote the value already
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
-    shown = repr(error["input"])
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return f"{key}: {error['msg']} (got {shown})"
+    return f"{key}: {error['msg']} (got {excerpt(error['input'], 80)})"
+
+
+def excerpt(value: object, limit: int = 60) -> str:
+    """``value``'s repr, cut to ``limit`` characters: an error quotes a value, never all of it."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _bounded(text: str, path: Path) -> None:
+    """Refuse, before anything is built from it, YAML whose cost is not bounded by its size:
+    anchors and aliases (a few lines can expand to billions of nodes), nesting deeper than
+    MAX_DEPTH, more than MAX_NODES values. Parsing stops at the first excess."""
+    from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, NodeEvent
+
+    depth = nodes = 0
+    for event in YAML(typ="safe").parse(text):
+        if isinstance(event, AliasEvent) or getattr(event, "anchor", None):
+            raise ConfigError(str(path), "uses YAML anchors or aliases (&name, *name), which "
+                                         f"it has no need of (line {event.start_mark.line + 1})")
+        depth += isinstance(event, CollectionStartEvent) - isinstance(event, CollectionEndEvent)
+        nodes += isinstance(event, NodeEvent)
+        if depth > MAX_DEPTH or nodes > MAX_NODES:
+            raise ConfigError(str(path), f"nests deeper than {MAX_DEPTH} levels or holds more "
+                                         f"than {MAX_NODES:,} values (line "
+                                         f"{event.start_mark.line + 1}): not a params file")
 
 
 def _read_yaml(path: Path, missing: str = "file not found") -> object:
-    """A YAML file's content; a problem raises ConfigError naming the file (and line)."""
+    """A YAML file's content; a problem raises ConfigError naming the file (and line). Only a
+    regular file of at most MAX_BYTES is read, and only YAML of bounded cost is built."""
+    from fashionnet.errors import DataError
+    from fashionnet.idx import open_regular
+
     try:
+        with open_regular(path) as f:  # a FIFO or a device would block or never end
+            data = f.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise ConfigError(str(path), f"is over {MAX_BYTES:,} bytes: not a params file")
+        text = data.decode("utf-8")
+        _bounded(text, path)
         # ruamel.yaml, as DVC reads params.yaml (YAML 1.2), refuses a key given twice in one
         # mapping, which PyYAML would silently resolve to the last.
-        return YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+        return YAML(typ="safe").load(text)
     except FileNotFoundError:
         raise ConfigError(str(path), missing) from None
+    except DataError as e:
+        raise ConfigError(str(path), e.problem) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), "is not UTF-8 text") from None
     except OSError as e:
         raise ConfigError(str(path), f"cannot be read: {e.strerror}") from None
     except DuplicateKeyError as e:
         key = re.match(r'found duplicate key "(.*?)"', e.problem or "")
-        raise ConfigError(str(path), f"key {key[1] if key else '?'!r} appears twice in one "
-                                     f"section (line {e.problem_mark.line + 1})") from None
+        raise ConfigError(str(path), f"key {excerpt(key[1] if key else '?')} appears twice in "
+                                     f"one section (line {e.problem_mark.line + 1})") from None
     except YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -135,7 +176,8 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if not section or not key or "." in key:
-            raise ConfigError(f"override {dotted}", "not a section.key name (e.g. train.seed)")
+            raise ConfigError(f"override {excerpt(dotted)}",
+                              "not a section.key name (e.g. train.seed)")
         if not isinstance(raw.get(section), dict):
             raw[section] = {}
         raw[section][key] = value
@@ -174,9 +216,11 @@ def load_recipe(path: str | os.PathLike[str],
     for key, value in raw.items():
         section, _, name = str(key).partition(".")
         if not isinstance(key, str) or not section or not name or "." in name:
-            raise ConfigError(f"{path}: {key}", "not a section.key name (e.g. train.flip)")
+            raise ConfigError(f"{path}: {excerpt(key)}",
+                              "not a section.key name (e.g. train.flip)")
         if not (value is None or isinstance(value, str | int | float | bool)):
-            raise ConfigError(f"{path}: {key}", f"must be a single value, got {value!r}")
+            raise ConfigError(f"{path}: {excerpt(key)}",
+                              f"must be a single value, got {excerpt(value)}")
         recipe[key] = value
     try:
         load_params(params_path, recipe)

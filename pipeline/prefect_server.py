@@ -61,13 +61,40 @@ def prefect_server(env: Mapping[str, str] | None = None, ui: bool | None = None,
     if not scheduler:
         command += ["--no-scheduler", "--no-late-runs"]
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(die_with_parent(command), env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # One server starts at a time per database: two first starts would both migrate it,
+        # and one of them fail. The lock is the OS's, dropped if its holder dies.
+        with _start_lock(Path(env.get("PREFECT_HOME") or _default_home())):
+            server = subprocess.Popen(die_with_parent(command), env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                _wait_until_up(server, api_url, log)
+            except BaseException:
+                stop(server)
+                raise
         try:
-            _wait_until_up(server, api_url, log)
             yield api_url
         finally:
             stop(server)
+
+
+def _default_home() -> str:
+    from prefect.settings import PREFECT_HOME
+
+    return str(PREFECT_HOME.value())
+
+
+@contextmanager
+def _start_lock(home: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside the Prefect database (in PREFECT_HOME) for a start."""
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "fashionnet-server-start.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # waits for another start to finish
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _wait_until_up(server: subprocess.Popen, api_url: str, log: IO[bytes]) -> None:

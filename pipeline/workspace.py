@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.processes import die_with_parent
+from pipeline.processes import PARENT_RUN_ENV, die_with_parent
 
 GIT_REMOTE = "origin"  # the git remote experiments are pushed to and pulled from
 LOCK_FILE = Path(".dvc/tmp/fashionnet-workspace.lock")  # .dvc/tmp: ignored by git and DVC
@@ -76,13 +76,22 @@ def tools_env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def _stage_env() -> dict[str, str]:
-    """tools_env(), and the stages' own flow runs report to the API this process uses,
-    ephemeral or not."""
+def _parent_run() -> str | None:
+    """The id of the Prefect flow run this process is running, if any."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else None
+
+
+def _stage_env(parent: str | None) -> dict[str, str]:
+    """tools_env(); the stages' own flow runs report to the API this process uses, ephemeral
+    or not, tagged with the flow run that started them."""
     from prefect.settings import PREFECT_API_URL
 
     api_url = PREFECT_API_URL.value()
-    return {**tools_env(), **({"PREFECT_API_URL": api_url} if api_url else {})}
+    return {**tools_env(), **({"PREFECT_API_URL": api_url} if api_url else {}),
+            **({PARENT_RUN_ENV: parent} if parent else {})}
 
 
 def _run(tool: str, args: tuple[str, ...], env: Mapping[str, str] | None, log: bool,
@@ -90,7 +99,8 @@ def _run(tool: str, args: tuple[str, ...], env: Mapping[str, str] | None, log: b
     """``tool *args``; its stdout. ``log``: its output (stderr too) line by line into the run's
     logs as it comes. A failure raises CommandFailed with the last line the tool printed."""
     command = [tool, *args]
-    full_env = {**(_stage_env() if log else tools_env()), **(env or {})}
+    parent = _parent_run() if log else None
+    full_env = {**(_stage_env(parent) if log else tools_env()), **(env or {})}
     if not log:
         proc = subprocess.run(command, input=stdin, capture_output=True, text=True,
                               env=full_env)
@@ -103,9 +113,12 @@ def _run(tool: str, args: tuple[str, ...], env: Mapping[str, str] | None, log: b
     logger.info("$ %s %s", tool, " ".join(args))
     output: list[str] = []
     # In a process group that dies with this process: a cancelled or killed run takes the
-    # command and the stages it runs with it (pipeline/processes.py).
-    with subprocess.Popen(die_with_parent([_which(tool), *args], group=True), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # command and the stages it runs with it, and their flow runs end Cancelled
+    # (pipeline/processes.py).
+    cleanup = [sys.executable, "-m", "pipeline.processes", "cancel-children", parent] \
+        if parent else []
+    with subprocess.Popen(die_with_parent([_which(tool), *args], group=True, cleanup=cleanup),
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           stdin=subprocess.DEVNULL, env=full_env) as proc:
         assert proc.stdout is not None
         try:

@@ -125,3 +125,24 @@ def prefect_client(api_url: str, auth_string: str | None = None) -> Iterator[Syn
         settings[PREFECT_API_AUTH_STRING] = auth_string
     with temporary_settings(settings), get_client(sync_client=True) as client:
         yield client
+
+
+# Runs a command as its only child, then reports that child's peak resident memory (KiB on
+# Linux) on its last stderr line: RUSAGE_CHILDREN of a process with one child is that child's.
+_MEASURE = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")
+
+
+def peak_rss(cwd: Path, *args: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+             timeout: float = TIMEOUT) -> tuple[subprocess.CompletedProcess[str], int, float]:
+    """``args`` run as a process in ``cwd``: its result (stderr without the measurement), its
+    peak resident memory in bytes, as the kernel counted it for that process alone, and its
+    wall time in seconds."""
+    start = time.monotonic()
+    result = run(cwd, env, sys.executable, "-c", _MEASURE, *args, timeout=timeout)
+    seconds = time.monotonic() - start
+    *lines, peak = result.stderr.rstrip("\n").split("\n")
+    err = "\n".join(lines) + ("\n" if lines else "")
+    return (subprocess.CompletedProcess(result.args[3:], result.returncode, result.stdout, err),
+            int(peak) * 1024, seconds)

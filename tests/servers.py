@@ -117,6 +117,7 @@ class S3Server:
     bucket: str
     access_key: str
     secret_key: str
+    command: tuple[str, ...]  # the running server's command line
 
     def credentials_env(self) -> dict[str, str]:
         """The credentials as dvc-s3 (boto) reads them from each machine's environment."""
@@ -147,6 +148,7 @@ def s3_server(root: Path, bucket: str = "fashionnet") -> Iterator[S3Server]:
     args = [str(BIN / "weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1", f"-s3.config={config}", f"-bucket={bucket}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            "-master.telemetry=false",  # no reports to telemetry.seaweedfs.com from a test
             *(f"-{flag}={port}" for flag, port in ports.items())]
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
 
@@ -162,7 +164,7 @@ def s3_server(root: Path, bucket: str = "fashionnet") -> Iterator[S3Server]:
     log = root / "weed.log"
     with started(args, log) as proc:
         wait_for(answers, "the S3 server", START_TIMEOUT, proc=proc, log=log)
-        yield S3Server(endpoint, bucket, key, secret)
+        yield S3Server(endpoint, bucket, key, secret, tuple(psutil.Process(proc.pid).cmdline()))
 
 
 @pytest.fixture(scope="module")

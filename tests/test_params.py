@@ -1,5 +1,7 @@
 """params.yaml: the repository's file is valid and complete; bad values name their key."""
 
+import json
+import os
 import sys
 
 import pytest
@@ -79,7 +81,7 @@ def test_missing_file_and_defaults(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "params.yaml")
     (tmp_path / "params.yaml").mkdir()
-    with pytest.raises(ConfigError, match=r"params\.yaml: cannot be read: Is a directory"):
+    with pytest.raises(ConfigError, match=r"params\.yaml: not a regular file: a directory"):
         load_params(tmp_path / "params.yaml")
     (tmp_path / "params.yaml").rmdir()
     (tmp_path / "params.yaml").write_bytes(b"train:\n  lr: \xff\n")
@@ -109,3 +111,75 @@ def test_params_load_without_prefect():
             "load_params(); load_recipe('recipes/plus.yaml'); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))")
     assert ok(REPO, None, sys.executable, "-c", code).strip() == "[]"
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True))  # 10^9 values once expanded
+UNBOUNDED = {
+    "aliases": (BOMB, "uses YAML anchors or aliases (&name, *name), which it has no need of "
+                      "(line 1)"),
+    "deep": ("train: " + "[" * 100_000 + "]" * 100_000 + "\n",
+             "nests deeper than 16 levels or holds more than 2,000 values (line 1): not a "
+             "params file"),
+    "many": ("split:\n" + "".join(f"  k{i}: {i}\n" for i in range(5_000)),
+             "nests deeper than 16 levels or holds more than 2,000 values (line 1000): not a "
+             "params file"),
+    "huge": ("# " + "x" * (1 << 21) + "\n", "is over 1,048,576 bytes: not a params file"),
+}
+# In a fresh interpreter: each file refused, the seconds it took, and how far the process's
+# peak memory grew over all of them (KiB).
+MEASURE = """
+import json, resource, sys, time
+from fashionnet.errors import ConfigError
+from pipeline.params import load_params
+load_params(sys.argv[1])  # the repository's own, first: imports and first-use set-up
+before, found = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, {}
+for path in sys.argv[2:]:
+    start = time.perf_counter()
+    try:
+        load_params(path)
+    except ConfigError as e:
+        found[path] = [e.problem, time.perf_counter() - start]
+print(json.dumps({"refused": found,
+                  "grown": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))
+"""
+
+
+def test_files_whose_cost_is_not_bounded_by_their_size_are_refused_at_once(tmp_path):
+    """An alias bomb (10^9 values), 100,000 levels of nesting, 5,000 keys, 2 MB: each refused
+    in well under a second, the process growing by at most the file it read."""
+    files = []
+    for name, (text, _) in UNBOUNDED.items():
+        files.append(tmp_path / f"{name}.yaml")
+        files[-1].write_text(text)
+    measured = json.loads(ok(tmp_path, None, sys.executable, "-c", MEASURE,
+                             str(REPO / "params.yaml"), *map(str, files)))
+    for path, (_, problem) in zip(files, UNBOUNDED.values(), strict=True):
+        refused, seconds = measured["refused"][str(path)]
+        assert refused == problem and seconds < 0.5, (path.name, refused, seconds)
+    assert measured["grown"] < 20 * 1024, measured  # KiB: the 2 MB file, read whole, and a bit
+
+
+def test_an_unbounded_params_yaml_exits_2_naming_it(tmp_path, cli):
+    (tmp_path / "params.yaml").write_text(BOMB)
+    code, _, err = cli(tmp_path, "train")
+    assert code == 2
+    assert err.splitlines() == ["fashionnet train: error: params.yaml: uses YAML anchors or "
+                                "aliases (&name, *name), which it has no need of (line 1)"]
+
+
+def test_an_error_quotes_an_excerpt_of_a_bad_value_never_all_of_it(tmp_path):
+    huge = "y" * 100_000
+    for text in (f"train:\n  lr: {huge}\n", f"train:\n  {huge}: 1\n",
+                 f"schedule:\n  cron: '{huge}'\n"):
+        (tmp_path / "params.yaml").write_text(text)
+        with pytest.raises(ConfigError) as error:
+            load_params(tmp_path / "params.yaml")
+        assert str(error.value).count("y") <= 80, str(error.value)[:300]
+
+
+def test_a_named_pipe_as_params_yaml_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "params.yaml")  # nothing will ever write to it
+    with pytest.raises(ConfigError, match="not a regular file: a named pipe"):
+        load_params(tmp_path / "params.yaml")

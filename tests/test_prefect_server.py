@@ -97,3 +97,16 @@ def test_a_stage_killed_with_sigkill_leaves_no_process_behind(repo_copy, cli_env
     finally:
         for pid in session_processes(stage.pid):  # whatever the test may have left
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_simultaneous_first_starts_wait_for_each_other(tmp_path):
+    """Three commands started at once on a fresh PREFECT_HOME: each migrates the database or
+    waits for the one that does (a lock beside it); none fails."""
+    env = isolated_env(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.prefect_server", sys.executable,
+                               "-c", PROBE], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [3, 3, 3], [err for _, err in results]
+    assert all("Traceback" not in err for _, err in results)

@@ -150,6 +150,7 @@ def test_a_sweep_is_refused_until_its_commit_and_data_are_shared(swept):
     assert "is not on git remote origin: run `git push origin" in not_pushed
     assert "the DVC remote lacks data/raw" in no_data and "run `dvc push`" in no_data
     assert swept.s3.secret_key not in (swept.repo / ".dvc" / "config").read_text()
+    assert "-master.telemetry=false" in swept.s3.command  # the test server reports nothing
 
 
 @pytest.mark.slow

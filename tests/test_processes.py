@@ -1,0 +1,98 @@
+"""Nothing outlives a killed run: a supervised process group dies with the process that started
+it, its cleanup runs; and `fashionnet retrain` killed mid-training takes `dvc exp run` and the
+train stage with it within seconds, their flow runs ending Cancelled, not Crashed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from pipeline.processes import PARENT_TAG
+from tests.helpers import copy_repo, git, prefect_client, repo_env, set_params, wait_for
+
+# A parent that starts a supervised group (a child that starts a grandchild), says their pids,
+# then waits to be killed.
+PARENT = """
+import subprocess, sys, time
+from pipeline.processes import die_with_parent
+tree = ("import subprocess, sys, time; g = subprocess.Popen(['sleep', '600']); "
+        "print(g.pid, flush=True); time.sleep(600)")
+child = subprocess.Popen(die_with_parent([sys.executable, '-c', tree], group=True,
+                                         cleanup=['touch', sys.argv[1]]), stdout=sys.stdout)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_supervised_group_dies_with_its_parent_and_its_cleanup_runs(tmp_path):
+    marker = tmp_path / "cleaned"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(marker)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        supervisor = int(parent.stdout.readline())
+        grandchild = int(parent.stdout.readline())
+        group = [supervisor, *(p.pid for p in psutil.Process(supervisor).children(True))]
+        assert grandchild in group and len(group) == 3  # supervisor, child, grandchild
+        parent.kill()  # SIGKILL: the parent runs no cleanup of its own
+        start = time.monotonic()
+        wait_for(lambda: not any(alive(pid) for pid in group), "the group's end", 10)
+        assert time.monotonic() - start < 3  # SIGINT, then SIGKILL after a second
+        wait_for(marker.exists, "the cleanup command", 10)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_retrain_takes_its_stages_with_it(tmp_path, prefect_api, raw_dir):
+    repo = copy_repo(tmp_path / "repo")
+    env = repo_env(repo, prefect_api, raw_dir)
+    set_params(repo, **{"split.limit": 2000, "split.val_size": 500, "train.epochs": 30})
+    git(repo, "commit", "-qam", "params whose training lasts")
+    started = time.time()
+    retrain = subprocess.Popen(["fashionnet", "retrain"], cwd=repo, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: next(repo.glob(".dvc/tmp/exps/**/checkpoints/train.pt"), None),
+                 "the train stage's first checkpoint", 300, proc=retrain)
+        tree = psutil.Process(retrain.pid).children(recursive=True)
+        commands = " ".join(" ".join(p.cmdline()) for p in tree)
+        assert "dvc exp run" in commands and "pipeline.cli train" in commands, commands
+        # The supervisor of the dvc process group (retrain's only child) outlives the group by
+        # the time its cleanup takes: setting the stages' flow runs Cancelled.
+        (supervisor,) = psutil.Process(retrain.pid).children()
+        working = [p for p in tree if p.pid != supervisor.pid]
+        retrain.kill()
+        start = time.monotonic()
+        wait_for(lambda: not any(alive(p.pid) for p in working), "the stages' end", 30)
+        assert time.monotonic() - start < 3, [p.cmdline() for p in working if alive(p.pid)]
+        wait_for(lambda: not alive(supervisor.pid), "the supervisor's cleanup", 60)
+    finally:
+        retrain.kill()
+        retrain.wait()
+
+    def ended() -> list:
+        """This retrain's train stage runs (tagged with their parent), once they ended."""
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+        with prefect_client(prefect_api) as client:
+            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(
+                any_=["train"])))
+        mine = [r for r in runs if r.start_time and r.start_time.timestamp() >= started
+                and any(t.startswith(PARENT_TAG) for t in r.tags)]
+        return mine if mine and all(r.state.is_final() for r in mine) else []
+
+    (run,) = wait_for(ended, "the train stage's flow run's end", 60)
+    assert run.state.type.value == "CANCELLED", run.state
+    assert "was cancelled or killed" in run.state.message
