@@ -64,17 +64,20 @@ def save_split(path: str | os.PathLike[str], data: LabeledImages, index: np.ndar
                  index=np.asarray(index, dtype=np.int64), **extra)
 
 
-def load_split(path: str | os.PathLike[str], allow_empty: bool = False) -> LabeledImages:
-    """Read one split written by :func:`save_split`, validating shapes and labels; one without
-    images is refused unless ``allow_empty``."""
+def read_labelled(path: str | os.PathLike[str], what: str, missing: str,
+                  allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` (N, 28, 28) uint8 and ``labels`` (N,) uint8 class indices from an .npz this
+    project wrote (``what`` it should be), checked; DataError naming the file otherwise, with
+    the advice ``missing`` when it is not there. One without images is refused unless
+    ``allow_empty``."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             images, labels = z["images"], z["labels"]
     except FileNotFoundError:
-        raise DataError(path, "file not found (run `fashionnet split`)") from None
+        raise DataError(path, f"file not found ({missing})") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(path, f"not a valid prepared split ({type(e).__name__}: "
+        raise DataError(path, f"not a valid {what} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(path, f"images must be (N, 28, 28) uint8, got {images.dtype} "
@@ -86,6 +89,14 @@ def load_split(path: str | os.PathLike[str], allow_empty: bool = False) -> Label
                               f"{labels.dtype} {labels.shape}")
     if len(labels) and labels.max() >= NUM_CLASSES:
         raise DataError(path, f"label {labels.max()} is outside 0..{NUM_CLASSES - 1}")
+    return images, labels
+
+
+def load_split(path: str | os.PathLike[str], allow_empty: bool = False) -> LabeledImages:
+    """Read one split written by :func:`save_split`, validating shapes and labels; one without
+    images is refused unless ``allow_empty``."""
+    images, labels = read_labelled(path, "prepared split", "run `fashionnet split`",
+                                   allow_empty)
     return LabeledImages(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
 
 

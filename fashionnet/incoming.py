@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from fashionnet.data import CLASSES, IMAGE_SIZE, NUM_CLASSES
+from fashionnet.data import CLASSES, NUM_CLASSES, read_labelled
 from fashionnet.errors import DataError
 from fashionnet.fields import Number
 from fashionnet.files import atomic_path
@@ -73,19 +72,7 @@ def load_batch(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """A batch's (images, labels), checked: the shapes, the labels, and that the content is
     still the one its name is the digest of. DataError naming the file otherwise."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, labels = z["images"], z["labels"]
-    except FileNotFoundError:
-        raise DataError(path, "file not found (run `dvc pull` to fetch the batches)") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(path, f"not a valid incoming batch ({type(e).__name__})") from None
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE,) * 2:
-        raise DataError(path, f"images must be (N, 28, 28) uint8, got {images.dtype} "
-                              f"{images.shape}")
-    if labels.dtype != np.uint8 or labels.shape != (len(images),) or (
-            len(labels) and labels.max() >= NUM_CLASSES):
-        raise DataError(path, f"labels must be ({len(images)},) uint8 class indices")
+    images, labels = read_labelled(path, "incoming batch", "run `dvc pull` to fetch the batches")
     if path.stem != batch_id(images, labels):
         raise DataError(path, "content does not match its name: the file was modified")
     return images, labels

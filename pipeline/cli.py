@@ -118,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="an image file (anything Pillow reads), a directory (its images, "
                               ".npz and IDX files, recursively, sorted), an .npz or an IDX file "
                               "of 28x28 uint8 images")
-    predict.add_argument("--model", default="models/fashionnet.pt", metavar="FILE",
-                         help="a FashionNet state_dict (default: models/fashionnet.pt)")
+    predict.add_argument("--model", default="models/fashionnet.pt",
+                         metavar="FILE|prod|fashionnet@vX.Y.Z",
+                         help="a FashionNet state_dict file (default: models/fashionnet.pt), "
+                              "or a registered version: the one at a stage (prod) or a version "
+                              "(fashionnet@v1.2.0), fetched through DVC (docs/retraining.md)")
     predict.add_argument("--top", type=_top_k, default=3, metavar="K",
                          help="the K most probable classes per image, 1-10 (default 3)")
     predict.add_argument("--format", choices=("table", "csv", "json"),
@@ -223,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ingest(args)
         if args.command == "predict":
             from pipeline.predict import run
+            from pipeline.registry import resolve
 
-            run(args.paths, args.model, top=args.top, fmt=args.format, invert=args.invert,
+            model = resolve(args.model)  # a file, or a registered version through DVC
+            if model.description != str(model.path):
+                print(f"fashionnet predict: model {model.description}", file=sys.stderr)
+            run(args.paths, model.path, top=args.top, fmt=args.format, invert=args.invert,
                 skip_bad=args.skip_bad, device=args.device, precision=args.precision)
             return EXIT_OK
         from pipeline.params import load_params

@@ -24,26 +24,20 @@ GRACE = 1.0  # seconds a supervised process group has to exit on SIGINT before S
 # Run as the child; then, in its place, the command (exec: signals reach the command itself).
 # PR_SET_PDEATHSIG = 1 (linux/prctl.h); it survives execve. A parent that died before prctl is
 # caught by the getppid check.
-_EXEC = """\
-import ctypes, os, signal, sys
+_ASK_FOR_DEATH = """\
+import ctypes, json, os, signal, subprocess, sys
 prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-if prctl is not None and prctl(1, signal.SIGKILL) != 0:
-    sys.exit(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+if prctl is not None and prctl(1, signal.{signal}) != 0:
+    sys.exit(f"prctl(PR_SET_PDEATHSIG) failed: {{os.strerror(ctypes.get_errno())}}")
 if os.getppid() != int(sys.argv[1]):
     sys.exit("the parent process is gone")
-os.execv(sys.argv[2], sys.argv[2:])
 """
+_EXEC = _ASK_FOR_DEATH.format(signal="SIGKILL") + "os.execv(sys.argv[2], sys.argv[2:])\n"
 
 # Run as the child: the supervisor of a process group that holds the command and whatever it
 # starts. On its parent's death (the death signal is SIGTERM here) or on SIGINT/SIGTERM, the
 # group gets SIGINT, then SIGKILL after GRACE seconds, then the cleanup command (JSON) runs.
-_SUPERVISE = """\
-import ctypes, json, os, signal, subprocess, sys
-prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
-if prctl is not None and prctl(1, signal.SIGTERM) != 0:
-    sys.exit(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
-if os.getppid() != int(sys.argv[1]):
-    sys.exit("the parent process is gone")
+_SUPERVISE = _ASK_FOR_DEATH.format(signal="SIGTERM") + """\
 grace, cleanup = float(sys.argv[2]), json.loads(sys.argv[3])
 child = subprocess.Popen(sys.argv[4:], start_new_session=True)
 

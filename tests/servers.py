@@ -209,7 +209,7 @@ class Remotes:
         return own
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def remotes(tmp_path_factory, prefect_api: str, raw_dir: Path) -> Remotes:
     """The repository on tiny params, trained once with `dvc repro`, committed and pushed to
     a bare git remote (branch main) and a DVC remote it names in .dvc/config."""

@@ -55,8 +55,8 @@ def test_ingest_push_starts_one_retrain_that_registers_the_model_predict_uses(
     git(repo, "commit", "-qam", "a short debounce window for the test")
     git(repo, "push", "-q", "origin", "main")
     deployment = deploy(repo, env, prefect_api)
-    assert [t.match["prefect.resource.id"] for t in deployment_triggers(prefect_api, deployment)
-            ] == [f"fashionnet.repository.{own.url}"]
+    (trigger,) = deployment_triggers(prefect_api, deployment)  # this repository's events only
+    assert trigger.match["prefect.resource.id"] == [f"fashionnet.repository.{own.url}"]
 
     # Two batches of images no split of the tiny params uses, pushed within the window.
     full = official[0]
@@ -92,6 +92,13 @@ def test_ingest_push_starts_one_retrain_that_registers_the_model_predict_uses(
     assert git(repo, "rev-parse", f"{promoted}^").strip() == commits[1]
     assert sorted(git(repo, "tag", "--points-at", promoted).split()) == [
         "fashionnet#prod#1", "fashionnet@v1.0.0"]
+    # The experiment went to the remote from the worker's clone (now gone); the promotion is it.
+    refs = git(repo, "ls-remote", own.url, f"refs/exps/{commits[1][:2]}/{commits[1][2:]}/*"
+               ).split()
+    (experiment,) = refs[::2]
+    git(repo, "fetch", "-q", own.url, experiment)
+    assert git(repo, "rev-parse", f"{promoted}^{{tree}}") == git(repo, "rev-parse",
+                                                                f"{experiment}^{{tree}}")
     manifest = git(repo, "show", f"{promoted}:{paths.MANIFEST}").splitlines()
     assert len(manifest) == 3  # the header and both batches: trained on together
     summary = artifacts(prefect_api, flow_run.id)["fashionnet-retrain-summary"]

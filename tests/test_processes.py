@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from pipeline.processes import PARENT_TAG
-from tests.helpers import copy_repo, git, prefect_client, repo_env, set_params, wait_for
+from tests.helpers import git, prefect_client, set_params, wait_for
+from tests.servers import clone
 
 # A parent that starts a supervised group (a child that starts a grandchild), says their pids,
 # then waits to be killed.
@@ -55,11 +56,11 @@ def test_a_supervised_group_dies_with_its_parent_and_its_cleanup_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_retrain_takes_its_stages_with_it(tmp_path, prefect_api, raw_dir):
-    repo = copy_repo(tmp_path / "repo")
-    env = repo_env(repo, prefect_api, raw_dir)
-    set_params(repo, **{"split.limit": 2000, "split.val_size": 500, "train.epochs": 30})
-    git(repo, "commit", "-qam", "params whose training lasts")
+def test_a_killed_retrain_takes_its_stages_with_it(remotes, tmp_path, prefect_api, raw_dir):
+    repo, env = clone(remotes.url, tmp_path / "ws", prefect_api, raw_dir)
+    git(repo, "remote", "remove", "origin")  # nothing of this run is shared
+    set_params(repo, **{"train.epochs": 50})
+    git(repo, "commit", "-qam", "a training that lasts")
     started = time.time()
     retrain = subprocess.Popen(["fashionnet", "retrain"], cwd=repo, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,6 +1,7 @@
 """The retraining flow end to end, against a real Prefect server, a bare git repository as the
-git remote and a local-directory DVC remote: a refused retrain, a promoted one, the scheduled
-deployment on a process worker, and `fashionnet serve`."""
+git remote and a local-directory DVC remote: a refused retrain, a promoted one, and `fashionnet
+serve`. The scheduled deployment on a process worker, started by its trigger: tests/
+test_ingest_e2e.py."""
 
 from __future__ import annotations
 
@@ -21,11 +22,9 @@ from tests.servers import (
     artifacts,
     clone,
     craft_head,
-    process_worker,
     started,
     state_of,
 )
-from tests.test_retrain import deploy
 
 ARTIFACTS = {"fashionnet-retrain-summary", "fashionnet-retrain-per-class",
              "fashionnet-retrain-report"}
@@ -137,50 +136,6 @@ def test_a_promoted_retrain_is_one_commit_on_the_branch_and_both_remotes(remotes
     diff = json.loads(ok(fresh, fresh_env, "dvc", "metrics", "diff", "HEAD~1", "--json"))
     change = diff["metrics/metrics.json"]["accuracy.val"]
     assert (change["old"], change["new"]) == (0.10, val)
-
-
-@pytest.mark.slow
-def test_the_scheduled_deployment_runs_on_a_process_worker(remotes, tmp_path, prefect_api,
-                                                           raw_dir):
-    own = remotes.copy(tmp_path)
-    repo, env = clone(own.url, tmp_path / "deployer", prefect_api, raw_dir, own.storage)
-    # HEAD's validation accuracy 0: any retrain passes the gate, and its real metrics differ
-    # from HEAD's crafted ones, so the worker must promote it.
-    craft_head(repo, env, val=0.0, test=0.0)
-    git(repo, "push", "-q", "origin", "main")
-    before = git(repo, "rev-parse", "HEAD").strip()
-    deployment = deploy(repo, env, prefect_api)
-    worker_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # the clone's own code
-    log = tmp_path / "worker.log"
-    try:
-        with process_worker("fashionnet", "retrain-worker", worker_env, log) as worker:
-            with prefect_client(prefect_api) as client:
-                flow_run = client.create_flow_run_from_deployment(deployment.id,
-                                                                  parameters={"force": True})
-            final = wait_for(lambda: state_of(prefect_api, flow_run.id), "the run's end", 900,
-                             proc=worker, log=log)
-    finally:
-        with prefect_client(prefect_api) as client:
-            client.delete_deployment(deployment.id)
-    assert final == "COMPLETED", log.read_text()
-    after = git(repo, "ls-remote", own.url, "refs/heads/main").split()[0]
-    git(repo, "fetch", "-q", "origin")
-    assert git(repo, "rev-parse", f"{after}^").strip() == before  # one promotion commit
-    # The experiment is on the git remote (pushed from the worker's clone, now gone), and
-    # the promoted commit's tree is the experiment's.
-    refs = git(repo, "ls-remote", own.url, f"refs/exps/{before[:2]}/{before[2:]}/*").split()
-    (exp,) = refs[::2]
-    git(repo, "fetch", "-q", own.url, exp)
-    assert git(repo, "rev-parse", f"{after}^{{tree}}") == git(repo, "rev-parse", f"{exp}^{{tree}}")
-    summary = artifacts(prefect_api, flow_run.id)
-    assert set(summary) == ARTIFACTS, log.read_text()
-    assert f"promoted as commit {after[:8]} on main, registered as fashionnet@v1.0.0 at stage " \
-           "prod, pushed to origin" in summary["fashionnet-retrain-summary"]
-    # The registry's tags went with the commit, in the same push.
-    tags = git(repo, "ls-remote", "--tags", own.url).split()
-    assert dict(zip(tags[1::2], tags[::2], strict=True)).keys() >= {
-        "refs/tags/fashionnet@v1.0.0", "refs/tags/fashionnet#prod#1"}
-    assert "Traceback" not in log.read_text()
 
 
 @pytest.mark.slow

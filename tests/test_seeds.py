@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -32,13 +33,18 @@ def test_seeds_refuses_bad_arguments_before_anything_runs(repo_copy, cli_env, cl
     assert "No experiment tasks" in ok(repo_copy, cli_env, "dvc", "queue", "status")
 
 
+def small_repo(tmp_path: Path, prefect_api: str, raw_dir: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the repository on small params, committed, and its environment."""
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo, **{"split.limit": 600, "split.val_size": 500, "train.epochs": 1})
+    git(repo, "commit", "-qam", "small params")
+    return repo, repo_env(repo, prefect_api, raw_dir)
+
+
 @pytest.mark.slow
 def test_seeds_runs_experiments_records_them_and_applies_the_own_seed(tmp_path, prefect_api,
                                                                       raw_dir):
-    repo = copy_repo(tmp_path / "repo")
-    env = repo_env(repo, prefect_api, raw_dir)
-    set_params(repo, **{"split.limit": 1200, "split.val_size": 1000, "train.epochs": 1})
-    git(repo, "commit", "-qam", "small params")
+    repo, env = small_repo(tmp_path, prefect_api, raw_dir)
     params_before = (repo / "params.yaml").read_bytes()
 
     result = run(repo, env, "fashionnet", "seeds", "42", "7", "--jobs", "2", "--threads", "1")
@@ -75,18 +81,16 @@ def test_seeds_runs_experiments_records_them_and_applies_the_own_seed(tmp_path, 
 
 @pytest.mark.slow
 def test_a_failed_seed_run_fails_and_changes_nothing(tmp_path, prefect_api, raw_dir):
-    repo = copy_repo(tmp_path / "repo")
-    env = repo_env(repo, prefect_api, raw_dir)
-    # Valid params that fail at run time on this CPU-only machine, in the train stage.
-    set_params(repo, **{"split.limit": 600, "train.epochs": 1, "train.device": "cuda"})
-    git(repo, "commit", "-qam", "cuda on a machine without one")
-    if "cuda" in run(repo, env, "python", "-c", "import torch; print("
-                     "'cuda' if torch.cuda.is_available() else 'cpu')").stdout:
-        pytest.skip("this machine has CUDA: the run would not fail")
+    repo, env = small_repo(tmp_path, prefect_api, raw_dir)
+    # A valid params.yaml whose run fails in its first stage: the raw files' directory is not.
+    set_params(repo, **{"download.source_dir": str(tmp_path / "nowhere")})
+    git(repo, "commit", "-qam", "a source directory that is not there")
     before = {p: (repo / p).read_bytes() for p in ("params.yaml", str(paths.SEEDS))}
     result = run(repo, env, "fashionnet", "seeds", "3")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "fashionnet seeds: failed" in result.stderr
+    assert result.stderr.startswith("fashionnet seeds: failed: CommandFailed: dvc exp run "
+                                    "--temp --name seed-3"), result.stderr
+    assert f"download.source_dir: {tmp_path / 'nowhere'} is not a directory" in result.stdout
     assert {p: (repo / p).read_bytes() for p in before} == before
     assert not (repo / "dvc.lock").exists() and not (repo / paths.METRICS_JSON).exists()
 
@@ -118,14 +122,12 @@ def test_seeds_refuses_a_recipe_that_sets_the_seed(repo_copy, cli_env, cli):
 @pytest.mark.slow
 def test_seeds_with_a_recipe_records_its_runs_apart_and_applies_nothing(tmp_path, prefect_api,
                                                                         raw_dir):
-    repo = copy_repo(tmp_path / "repo")
-    env = repo_env(repo, prefect_api, raw_dir)
-    set_params(repo, **{"split.limit": 1200, "split.val_size": 1000, "train.epochs": 1})
+    repo, env = small_repo(tmp_path, prefect_api, raw_dir)
     recipe = {"train.flip": "alternate", "train.translate": 1, "train.ema": 0.9,
               "train.bn_recalibrate": True, "evaluate.tta": True}
     (repo / "recipes" / "mini.yaml").write_text(yaml.safe_dump(recipe))
     git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "small params, a recipe")
+    git(repo, "commit", "-qm", "a recipe")
     before = {name: (repo / name).read_bytes() for name in ("params.yaml", "metrics/seeds.csv")}
     baseline = git(repo, "rev-parse", "HEAD").strip()
 
