@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from pipeline.params import Params
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+DESCRIPTION = ("FashionNet: one command per DVC stage, each run as a Prefect flow, and the "
+               "commands around them (ingest, retrain, serve, seeds, sweep, predict)")
 STAGE_HELP = {
     "download": "the four Fashion-MNIST IDX files into data/raw/, verified",
     "split": "stratified train/validation split + the official test set into data/prepared/",
@@ -75,7 +77,7 @@ def _configure_prefect() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fashionnet", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="fashionnet", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGE_HELP.items():
         sub.add_parser(name, help=f"DVC stage {name}: {text}", description=text)

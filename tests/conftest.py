@@ -59,12 +59,23 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """In-process flows run against Prefect's test harness (a temporary server and database)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_harness(prefect_api: str) -> Iterator[None]:
+    """In-process flows report to the session's Prefect server (one server for the suite: a
+    test harness of their own would start a second one)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_logging() -> None:
+    """Prefect's logging set up once, before any test captures stderr: its console handler
+    writes to the sys.stderr of the moment it is set up, and one bound to a test's capsys
+    would write to a closed capture in every later test."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging(incremental=False)
 
 
 @pytest.fixture
