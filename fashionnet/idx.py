@@ -1,10 +1,13 @@
-"""The IDX file format of the Fashion-MNIST release: reading with validation."""
+"""The IDX file format of the Fashion-MNIST release: reading with validation, bounded by the
+file's size and a byte limit before anything is allocated."""
 
 from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -20,20 +23,44 @@ TEST_LABELS = "t10k-labels-idx1-ubyte"
 RAW_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
 
 _UBYTE = 0x08  # IDX type code for unsigned bytes, the only one Fashion-MNIST uses
+# The most bytes of data one file may claim when it is read whole: 1 GiB, 1.37 million images,
+# 22 times the official training file. Larger files of images are read in chunks
+# (fashionnet.arrays), never whole.
+MAX_ARRAY_BYTES = 1 << 30
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a directory"))
 
 
-def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
-    """Read an uncompressed IDX file of unsigned bytes with ``ndim`` dimensions."""
-    path = Path(path)
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` opened for reading; a DataError naming it unless it is a regular file (after
+    symbolic links): a read from a FIFO, socket or device could block or never end. Opened
+    non-blocking, so that not even a FIFO swapped in after the check can block. Other failures
+    raise open()'s OSError (FileNotFoundError, PermissionError, ...)."""
+    _check_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(path, "file not found (run `fashionnet download`)") from None
-    except OSError as e:
-        raise DataError(path, f"cannot be read: {e.strerror}") from None
+        _check_regular(path, os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_regular(path: str | os.PathLike[str], mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+        raise DataError(path, f"not a regular file: {kind}")
+
+
+def read_header(f: BinaryIO, path: str | os.PathLike[str], ndim: int) -> tuple[int, ...]:
+    """The dimensions in the header of an IDX file of unsigned bytes with ``ndim`` dimensions,
+    open at its start, checked against the file's size before any data is read."""
+    size = os.fstat(f.fileno()).st_size
     header = 4 + 4 * ndim
+    raw = f.read(header)
     if len(raw) < header:
-        raise DataError(path, f"truncated: {len(raw)} bytes, shorter than the IDX header")
+        raise DataError(path, f"truncated: {size} bytes, shorter than the IDX header")
     if raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE or raw[3] != ndim:
         hint = "; gzip-compressed? data/raw holds the uncompressed files" \
             if raw[:2] == b"\x1f\x8b" else ""
@@ -44,13 +71,38 @@ def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
         )
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + math.prod(dims)  # Python ints: a forged header cannot overflow
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataError(
-            path,
-            f"{what}: {len(raw)} bytes, but its header {dims} says {expected}",
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise DataError(path, f"{what}: {size} bytes, but its header {dims} says {expected}")
+    return dims
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int,
+             max_bytes: int = MAX_ARRAY_BYTES) -> np.ndarray:
+    """Read an uncompressed IDX file of unsigned bytes with ``ndim`` dimensions; refused
+    before reading its data if its header disagrees with its size or claims more than
+    ``max_bytes``."""
+    path = Path(path)
+    try:
+        f = open_regular(path)
+    except FileNotFoundError:
+        raise DataError(path, "file not found (run `fashionnet download`)") from None
+    except OSError as e:
+        raise DataError(path, f"cannot be read: {e.strerror}") from None
+    with f:
+        dims = read_header(f, path, ndim)
+        size = math.prod(dims)
+        if size > max_bytes:
+            raise DataError(path, f"its header {dims} claims {size:,} bytes, more than the "
+                                  f"{max_bytes:,} read into memory at once")
+        try:
+            raw = f.read(size)
+        except OSError as e:
+            raise DataError(path, f"cannot be read: {e.strerror}") from None
+    if len(raw) != size:  # it shrank since its size was checked
+        raise DataError(path, f"truncated: {len(raw)} bytes of data, its header {dims} says "
+                              f"{size}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def read_images(path: str | os.PathLike[str]) -> np.ndarray:
