@@ -34,7 +34,7 @@ from torchvision import transforms
 from fashionnet import FashionNet, download
 from fashionnet.data import LabeledImages, save_split
 from fashionnet.idx import TEST_IMAGES, TEST_LABELS, load_idx_pair
-from fashionnet.predict import load_model
+from fashionnet.prediction import load_model
 from pipeline import predict as command
 
 REFERENCE_BATCH = 64

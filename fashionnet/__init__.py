@@ -2,6 +2,6 @@
 
 from fashionnet.data import CLASSES
 from fashionnet.model import FashionNet
-from fashionnet.predict import Predictions, predict
+from fashionnet.prediction import Predictions, predict
 
 __all__ = ["CLASSES", "FashionNet", "Predictions", "predict"]

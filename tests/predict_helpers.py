@@ -1,0 +1,89 @@
+"""What the tests of `fashionnet predict` and its library share: PNG files of real images, a
+model's weights, the command run in this process, and a child process's peak memory. Their
+fixtures are in tests/predict_fixtures.py."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fashionnet import FashionNet
+from pipeline.cli import main
+from tests.helpers import REPO, run
+
+
+def write_pngs(images: np.ndarray, directory: Path) -> Path:
+    """images[i] as directory/{i:05d}.png, written by a thread pool (zlib runs without the GIL)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: Image.fromarray(images[i]).save(directory / f"{i:05d}.png"),
+                      range(len(images))))
+    return directory
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A black greyscale PNG, compressed as it is written: no full-size array is made."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (len(data).to_bytes(4, "big") + kind + data
+                + zlib.crc32(kind + data).to_bytes(4, "big"))
+
+    deflate, row = zlib.compressobj(1), bytes(width + 1)  # each row: filter byte 0, pixels 0
+    data = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
+
+
+def load(path: Path) -> FashionNet:
+    model = FashionNet()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model.eval()
+
+
+def cli(capsys, *args: object) -> tuple[int, str, str]:
+    """`fashionnet predict *args` in this process: (exit status, stdout, stderr)."""
+    status = main(["predict", *map(str, args)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_bad_input(status: int, err: str, *names: object) -> None:
+    """Exit 2 with one line on stderr naming each of ``names``, and no traceback."""
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fashionnet predict: error: "), err
+    assert "Traceback" not in err
+    for name in names:
+        assert str(name) in lines[0]
+
+
+def peak_growth(setup: str, measured: str, timeout: float = 120) -> tuple[int, str]:
+    """Run ``setup`` then ``measured`` (Python source) in a fresh interpreter in the repository:
+    how many bytes its peak resident memory rose above its size before ``measured`` ran (the
+    kernel's VmHWM, reset after ``setup`` through /proc/self/clear_refs), and its stdout.
+    Peak memory is a property of a whole process, so it is measured in one of its own."""
+    code = "\n".join([
+        "import sys",
+        textwrap.dedent(setup),
+        "def _status(key):",
+        "    for line in open('/proc/self/status'):",
+        "        if line.startswith(key + ':'):",
+        "            return int(line.split()[1]) * 1024",
+        "with open('/proc/self/clear_refs', 'w') as f:",
+        "    f.write('5')  # the peak resident size starts again from the current one",
+        "_before = _status('VmRSS')",
+        textwrap.dedent(measured),
+        "print('PEAK_GROWTH', _status('VmHWM') - _before, file=sys.__stdout__)",
+    ])
+    result = run(REPO, None, sys.executable, "-c", code, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    *out, last = result.stdout.strip().splitlines()
+    assert last.startswith("PEAK_GROWTH "), result.stdout
+    return int(last.split()[1]), "\n".join(out)
