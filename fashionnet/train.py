@@ -17,10 +17,10 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from torch.nn import functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fashionnet.augment import FLIPS, EpochAugment, draw_epoch
+from fashionnet.average import WeightAverage
 from fashionnet.checkpoint import fingerprint, resumable, save_checkpoint
 from fashionnet.data import LabeledImages, to_input
 from fashionnet.evaluate import evaluate
@@ -101,7 +101,7 @@ def train_epoch(model: FashionNet, optimizer: torch.optim.Optimizer, x_all: torc
                 desc: str = "", dtype: torch.dtype = torch.float32,
                 augment: EpochAugment | None = None, label_smoothing: float = 0.0,
                 step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                ema: AveragedModel | None = None) -> tuple[float, int]:
+                ema: WeightAverage | None = None) -> tuple[float, int]:
     """One pass over ``x_all[order]`` in batches; returns (summed loss, correct predictions)
     over the epoch, measured in training mode on the fly. Raises NonFiniteLoss naming the
     first step whose loss was NaN or infinite.
@@ -287,7 +287,7 @@ def _derived_seed(seed: int, stream: int) -> int:
 
 
 RunState = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
-                 dict[str, torch.Generator], AveragedModel | None]
+                 dict[str, torch.Generator], WeightAverage | None]
 
 
 def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device,
@@ -313,9 +313,7 @@ def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device,
                                                         total_steps=cfg.epochs * steps)
     else:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
-    # The buffers too: the average's BatchNorm statistics then follow its weights.
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-           if cfg.ema > 0 else None)
+    ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     return optimizer, scheduler, generators, ema
 
 
