@@ -1,13 +1,15 @@
-"""Training and evaluation throughput: the seed-style reference loop against the engine.
+"""Training and evaluation throughput: the reference recipe's usual loop against the engine.
 
-Both run in this one process, on the same images and threads, so their ratio holds on a busy
-machine too. The reference is the seed's recipe written the usual way: torchvision's
-FashionMNIST with ``ToTensor``, a ``DataLoader`` with batch 64 (training, validation and
-evaluation), ``nn.Dropout``. The engine is ``fashionnet.train.train_epoch`` and
-``fashionnet.evaluate.evaluate``. A training epoch counts its validation pass, one image of
-validation per nine of training (the 54,000/6,000 split).
+Both run in this one process, on the same images and threads, in alternating rounds (each
+round times every row once, the order reversed every other round), so each round's ratio
+compares timings a few seconds apart and holds on a busy machine too; the table gives the
+median over rounds and the range of the ratio. The reference is the reference recipe written
+the usual way: torchvision's FashionMNIST with ``ToTensor``, a ``DataLoader`` with batch 64
+(training, validation and evaluation), ``nn.Dropout``. The engine is
+``fashionnet.train.train_epoch`` and ``fashionnet.evaluate.evaluate``. A training epoch counts
+its validation pass, one image of validation per nine of training (the 54,000/6,000 split).
 
-    python benchmarks/throughput.py                     # ~1 minute on 2 cores
+    python benchmarks/throughput.py                     # ~3 minutes on 2 cores
     python benchmarks/throughput.py --train-images 54000 --batch-sizes 64 128 256
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +43,7 @@ REFERENCE_BATCH = 64
 
 
 def reference_model() -> nn.Module:
-    """The seed's network as a plain ``nn.Sequential`` with ``nn.Dropout``."""
+    """The reference's network as a plain ``nn.Sequential`` with ``nn.Dropout``."""
     model = nn.Sequential(
         nn.Conv2d(1, 24, 3, 1, 1), nn.BatchNorm2d(24), nn.Dropout(0.5), nn.LeakyReLU(0.1),
         nn.Conv2d(24, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.Dropout(0.5), nn.LeakyReLU(0.1),
@@ -107,7 +110,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=["float32", "bfloat16"],
                         default=["float32", "bfloat16"] if native else ["float32"],
                         help="engine compute precisions (default: bfloat16 too where native)")
-    parser.add_argument("--repeats", type=int, default=1, help="timings per figure; best kept")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds: each times every row once, alternating")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,7 +133,7 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
           f"{platform.python_implementation()} {platform.python_version()}")
     print(f"data: {n_train} training + {n_val} validation images per epoch, "
-          f"{len(test)} evaluation images; best of {args.repeats}")
+          f"{len(test)} evaluation images; median of {args.repeats} alternating rounds")
 
     # The reference: DataLoader + ToTensor + nn.Dropout, batch 64 throughout.
     torch.manual_seed(0)
@@ -140,27 +144,42 @@ def main() -> None:
     ref_test = DataLoader(Subset(tv_test, range(len(test))), REFERENCE_BATCH)
     warm_up = DataLoader(Subset(tv_train, range(min(640, n_train))), REFERENCE_BATCH)
     reference_train_epoch(ref, ref_opt, warm_up)
-    ref_epoch = timed(lambda: (reference_train_epoch(ref, ref_opt, ref_train),
-                               reference_evaluate(ref, ref_val)), args.repeats)
-    ref_eval = timed(lambda: reference_evaluate(ref, ref_test), args.repeats)
-    ref_train_ips, ref_eval_ips = n_train / ref_epoch, len(test) / ref_eval
-    print(f"{'':28s}{'train img/s':>12s}{'ratio':>8s}{'eval img/s':>12s}{'ratio':>8s}")
-    print(f"{'reference (batch 64)':28s}{ref_train_ips:12.0f}{1:8.2f}{ref_eval_ips:12.0f}{1:8.2f}")
-
+    rows = {"reference (batch 64)": (
+        lambda: (reference_train_epoch(ref, ref_opt, ref_train), reference_evaluate(ref, ref_val)),
+        lambda: reference_evaluate(ref, ref_test))}
     for precision in args.precisions:
         dtype = resolve_precision(precision, torch.device("cpu"))
         for batch_size in args.batch_sizes:
-            train_ips, eval_ips = engine_throughput(train_set, val_set, test, batch_size,
-                                                    args.repeats, dtype)
-            name = f"engine (batch {batch_size}, {precision})"
-            print(f"{name:28s}{train_ips:12.0f}{train_ips / ref_train_ips:8.2f}"
-                  f"{eval_ips:12.0f}{eval_ips / ref_eval_ips:8.2f}")
+            rows[f"engine (batch {batch_size}, {precision})"] = engine(
+                train_set, val_set, test, batch_size, dtype)
+
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    for round_ in range(args.repeats):
+        for name in list(rows) if round_ % 2 == 0 else reversed(rows):
+            train_fn, eval_fn = rows[name]
+            seconds[name].append((timed(train_fn, 1), timed(eval_fn, 1)))
+    reference = seconds.pop("reference (batch 64)")
+    print(f"{'':28s}{'train img/s':>12s}{'ratio':>8s}{'range':>12s}"
+          f"{'eval img/s':>12s}{'ratio':>8s}{'range':>12s}")
+    median_train, median_eval = (statistics.median(t[i] for t in reference) for i in (0, 1))
+    print(f"{'reference (batch 64)':28s}{n_train / median_train:12.0f}{1:8.2f}{'-':>12s}"
+          f"{len(test) / median_eval:12.0f}{1:8.2f}{'-':>12s}")
+    for name, times in seconds.items():
+        cells = []
+        for i, images in ((0, n_train), (1, len(test))):
+            # Each round's ratio: the reference's time over the engine's, timed moments apart.
+            ratios = [r[i] / t[i] for r, t in zip(reference, times, strict=True)]
+            cells.append(f"{images / statistics.median(t[i] for t in times):12.0f}"
+                         f"{statistics.median(ratios):8.2f}"
+                         f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>12s}")
+        print(f"{name:28s}{''.join(cells)}")
 
 
-def engine_throughput(train_set: LabeledImages, val_set: LabeledImages, test: LabeledImages,
-                      batch_size: int, repeats: int,
-                      dtype: torch.dtype = torch.float32) -> tuple[float, float]:
-    """(training images/s with validation, evaluation images/s) of the engine."""
+def engine(train_set: LabeledImages, val_set: LabeledImages, test: LabeledImages,
+           batch_size: int, dtype: torch.dtype = torch.float32
+           ) -> tuple[Callable[[], object], Callable[[], object]]:
+    """The engine's (training epoch with validation, evaluation), set up as ``train()`` sets
+    them up and warmed up."""
     model = init_model(0).to(memory_format=torch.channels_last)  # as train() sets it up
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-5, amsgrad=True)
     x_all, y_all = train_set.images, train_set.labels  # uint8, as train() keeps them
@@ -173,8 +192,8 @@ def engine_throughput(train_set: LabeledImages, val_set: LabeledImages, test: La
         train_epoch(model, optimizer, x_all, y_all, order, batch_size, dtype=dtype)
         evaluate(model, val_set, dtype=dtype)
 
-    train_ips = len(train_set) / timed(epoch, repeats)
-    return train_ips, len(test) / timed(lambda: evaluate(model, test, dtype=dtype), repeats)
+    return epoch, lambda: evaluate(model, test, dtype=dtype)
+
 
 if __name__ == "__main__":
     main()
