@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -263,6 +264,8 @@ def read_images(files: Sequence[str | os.PathLike[str]], invert: Invert = "auto"
     at most; .npz and IDX files are streamed. A bad file raises its DataError, the first in
     file order; with ``skip_bad`` it goes to the chunk's ``bad`` and the rest are read (an
     .npz or IDX file that breaks off keeps the images before, its error says how many)."""
+    # Pillow warns from 89 million pixels: MAX_PIXELS refuses far fewer before decoding.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # idempotent
     paths = [str(f) for f in files]
     groups = [paths[i : i + FILES_PER_TASK] for i in range(0, len(paths), FILES_PER_TASK)]
     workers = workers or torch.get_num_threads()
@@ -289,12 +292,3 @@ def read_images(files: Sequence[str | os.PathLike[str]], invert: Invert = "auto"
             yield gather.take()
     finally:
         pool.shutdown(cancel_futures=True)  # after a bad file, the tasks not yet started
-
-
-def read_file(path: str | os.PathLike[str], invert: Invert = "auto",
-              max_pixels: int = MAX_PIXELS) -> tuple[list[Source], Prepared]:
-    """All the images in one file, converted; DataError naming it."""
-    chunks = list(read_images([path], invert, max_pixels=max_pixels, workers=1))
-    return ([s for c in chunks for s in c.sources],
-            Prepared(np.concatenate([c.prepared.images for c in chunks]),
-                     np.concatenate([c.prepared.inverted for c in chunks])))

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from fashionnet import FashionNet
+from fashionnet.conversion import Invert, Prepared
+from fashionnet.reading import Source, read_images
 from pipeline.cli import main
 from tests.helpers import REPO, run
 
@@ -39,6 +41,14 @@ def blank_png(width: int, height: int) -> bytes:
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
             + chunk(b"IEND", b""))
+
+
+def read_file(path: Path, invert: Invert = "auto") -> tuple[list[Source], Prepared]:
+    """All the images of one file, as `fashionnet predict` reads them, in one piece."""
+    chunks = list(read_images([path], invert))
+    return ([s for c in chunks for s in c.sources],
+            Prepared(np.concatenate([c.prepared.images for c in chunks]),
+                     np.concatenate([c.prepared.inverted for c in chunks])))
 
 
 def load(path: Path) -> FashionNet:

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from fashionnet import conversion
 from fashionnet.conversion import convert, decode, negate, prepare
-from fashionnet.reading import read_file
+from tests.predict_helpers import read_file
 
 WHITE, DARK = (255, 255, 255), (40, 40, 40)
 

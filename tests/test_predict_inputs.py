@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import tracemalloc
+import warnings
 import zipfile
 
 import numpy as np
@@ -117,12 +118,19 @@ def test_an_idx_file_claiming_more_than_it_holds_is_refused_unread(capsys, tmp_p
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(capsys, tmp_path,
                                                                   model_file):
     """4097x4096 pixels, one row over MAX_PIXELS (it used to be decoded, whatever its size
-    up to Pillow's 179 million); a JPEG larger still is decoded at half scale and read."""
+    up to Pillow's 179 million), and 9500x9500 without Pillow's warning on stderr beside the
+    one line; a JPEG over the limit is decoded at half scale and read."""
     path = tmp_path / "big.png"
     path.write_bytes(blank_png(4097, 4096))
     status, out, err = cli(capsys, path, "--model", model_file)
     assert_bad_input(status, err, path, "4097x4096 pixels to decode, more than the limit of "
                                         "16,777,216")
+    path.write_bytes(blank_png(9500, 9500))  # over Pillow's 89.5 million: it would warn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, out, err = cli(capsys, path, "--model", model_file)
+    assert_bad_input(status, err, path, "9500x9500 pixels to decode")
+    assert not [w for w in caught if w.category is Image.DecompressionBombWarning]
     photo = Image.new("RGB", (4200, 4200), (250, 250, 250))
     ImageDraw.Draw(photo).ellipse((1000, 1000, 3000, 3500), fill=(30, 30, 30))
     photo.save(tmp_path / "big.jpg", quality=70)
