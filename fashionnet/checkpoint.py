@@ -30,7 +30,8 @@ FORMAT = 1  # bump when the checkpoint's layout changes: older ones are then ign
 # plumbing (errors.py, files.py) that cannot change a result. The train stage's deps in dvc.yaml
 # are the same files; tests/test_dvc.py checks both against the imports.
 TRAINING_CODE = ("augment.py", "average.py", "checkpoint.py", "data.py", "evaluate.py",
-                 "fields.py", "inference.py", "model.py", "runtime.py", "train.py")
+                 "fields.py", "inference.py", "model.py", "recipe.py", "run_state.py",
+                 "runtime.py", "train.py")
 
 
 def _update(h: Any, obj: object) -> None:

@@ -1,4 +1,4 @@
-"""Training: AdamW (amsgrad), cross-entropy and StepLR over in-memory tensors (the seed's
+"""Training: AdamW (amsgrad), cross-entropy and StepLR over in-memory tensors (the reference
 recipe), with optional recipe options: flips, translations, label smoothing, a cosine or
 one-cycle schedule, an EMA of the weights, BatchNorm recalibration (see docs/recipe.md)."""
 
@@ -11,75 +11,22 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from fashionnet.augment import FLIPS, EpochAugment, draw_epoch
+from fashionnet.augment import EpochAugment, draw_epoch
 from fashionnet.average import WeightAverage
 from fashionnet.checkpoint import fingerprint, resumable, save_checkpoint
 from fashionnet.data import LabeledImages, to_input
 from fashionnet.evaluate import evaluate
-from fashionnet.fields import Number, Seed
 from fashionnet.model import FashionNet
+from fashionnet.recipe import EpochStats, TrainConfig
+from fashionnet.run_state import derived_seed, fresh_run, restore, snapshot
 from fashionnet.runtime import autocast, resolve_device, resolve_precision, retain_freed_memory
 
 log = logging.getLogger("fashionnet")
-
-
-def _renamed_flip(value: object) -> object:
-    if value == "symmetric":  # the name until 2026-12: it never meant mirror symmetry
-        raise ValueError("'symmetric' is now called 'random-except-footwear' (random flips, "
-                         "never of the footwear classes)")
-    return value
-
-
-class TrainConfig(BaseModel):
-    """The training recipe; defaults are the seed's (batch size aside, which it does not give)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    epochs: StrictInt = Field(60, ge=1)
-    batch_size: StrictInt = Field(64, ge=2)  # BatchNorm needs two images to train
-    lr: Number = Field(3e-3, gt=0)
-    weight_decay: Number = Field(1e-5, ge=0)
-    amsgrad: StrictBool = True
-    step_size: StrictInt = Field(25, ge=1, description="epochs between learning-rate decays")
-    gamma: Number = Field(0.1, gt=0, le=1)
-    seed: Seed = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # see runtime.resolve_precision
-    # Recipe options beyond the seed's; each default is the seed's recipe (docs/recipe.md).
-    schedule: Literal["step", "cosine", "onecycle"] = Field(
-        "step", description="step: StepLR(step_size, gamma) per epoch; cosine: cosine decay "
-        "from lr to 0 per step; onecycle: OneCycleLR up to lr and down, per step")
-    flip: Annotated[Literal[FLIPS], BeforeValidator(_renamed_flip)] = Field(  # type: ignore[valid-type]
-        "none", description="horizontal flip: none, random (p=1/2), alternate (airbench), "
-        "random-except-footwear (random, but never the footwear classes, which face one way)")
-    translate: StrictInt = Field(0, ge=0, le=4, description="max shift in pixels, zero fill")
-    label_smoothing: Number = Field(0.0, ge=0, lt=1)
-    ema: Number = Field(0.0, ge=0, lt=1, description="per-step decay of an exponential moving "
-                        "average of the weights, which becomes the model; 0 = off")
-    bn_recalibrate: StrictBool = Field(False, description="after training, recompute BatchNorm "
-                                       "running statistics over the train split, dropout off")
-
-
-@dataclass(frozen=True)
-class EpochStats:
-    """One row of metrics/history.csv. Train figures are running means over the epoch's
-    steps (training mode, dropout on); validation is measured after the epoch in eval mode."""
-
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-    seconds: float
 
 
 def init_model(seed: int) -> FashionNet:
@@ -180,7 +127,7 @@ def train(
     y_all = train_set.labels.to(device)
     n = len(train_set)
     steps = -(-n // cfg.batch_size)
-    run_state = _fresh_run(model, cfg, device, steps)
+    run_state = fresh_run(model, cfg, device, steps)
     history: list[EpochStats] = []
     if checkpoint is not None:
         run = fingerprint({**cfg.model_dump(exclude={"device"}), "precision": str(dtype)},
@@ -189,7 +136,7 @@ def train(
         saved = resumable(checkpoint, run)
         if saved is not None:
             try:
-                history = _restore(saved, model, run_state, cfg.epochs)
+                history = restore(saved, model, run_state, cfg.epochs)
                 log.info("%s: resuming after epoch %d of %d", checkpoint, len(history),
                          cfg.epochs)
                 for stats in history if on_epoch is not None else ():
@@ -199,12 +146,12 @@ def train(
                 log.warning("%s: ignored, it does not fit this run (%s); training from scratch",
                             checkpoint, e)
                 model.load_state_dict(initial)
-                run_state = _fresh_run(model, cfg, device, steps)
+                run_state = fresh_run(model, cfg, device, steps)
     optimizer, scheduler, generators, ema = run_state
     # Which images alternate flipping odd/even epochs: a function of the seed alone, so it
     # needs no place in the checkpoint.
     alternate_base = (torch.rand(n, generator=torch.Generator().manual_seed(
-        _derived_seed(cfg.seed, 2))) < 0.5) if cfg.flip == "alternate" else None
+        derived_seed(cfg.seed, 2))) < 0.5) if cfg.flip == "alternate" else None
     per_step = cfg.schedule != "step"
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         start = time.perf_counter()
@@ -231,7 +178,7 @@ def train(
                            time.perf_counter() - start)
         history.append(stats)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, _snapshot(history, model, run_state), run)
+            save_checkpoint(checkpoint, snapshot(history, model, run_state), run)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.1e  %.1fs",
                  epoch, cfg.epochs, stats.train_loss, stats.train_accuracy, stats.val_loss,
                  stats.val_accuracy, lr, stats.seconds)
@@ -278,73 +225,3 @@ def recalibrate_batchnorm(model: FashionNet, images: torch.Tensor,
         for bn, momentum in zip(norms, momenta, strict=True):
             bn.momentum = momentum
         model.train(was_training)
-
-
-def _derived_seed(seed: int, stream: int) -> int:
-    """A seed for the run's ``stream``-th extra random stream, apart from ``seed``'s own
-    (two generators with the same seed would draw the same numbers)."""
-    return (seed * 0x9E3779B1 + stream * 0x85EBCA77) % 2**63  # golden-ratio hashing
-
-
-RunState = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
-                 dict[str, torch.Generator], WeightAverage | None]
-
-
-def _fresh_run(model: FashionNet, cfg: TrainConfig, device: torch.device,
-               steps: int) -> RunState:
-    """The optimizer, scheduler, seeded random streams and weight average of a run at its
-    start; ``steps`` is the number of optimizer steps per epoch."""
-    torch.manual_seed(cfg.seed)  # the default generators: dropout masks
-    # Every random stream training draws from, saved and restored with each checkpoint.
-    generators = {"torch": torch.default_generator,
-                  "shuffle": torch.Generator().manual_seed(cfg.seed)}
-    if cfg.flip in ("random", "random-except-footwear") or cfg.translate > 0:  # flips and shifts
-        generators["augment"] = torch.Generator().manual_seed(_derived_seed(cfg.seed, 1))
-    if device.type == "cuda":
-        generators["cuda"] = torch.cuda.default_generators[
-            device.index if device.index is not None else torch.cuda.current_device()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    if cfg.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps)
-    elif cfg.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,
-                                                        total_steps=cfg.epochs * steps)
-    else:
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
-    ema = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
-    return optimizer, scheduler, generators, ema
-
-
-def _snapshot(history: list[EpochStats], model: FashionNet, run_state: RunState) -> dict:
-    """Everything the rest of a run depends on, after epoch ``len(history)``."""
-    optimizer, scheduler, generators, ema = run_state
-    snapshot = {
-        "epoch": len(history),
-        "history": [vars(s) for s in history],
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {name: g.get_state() for name, g in generators.items()},
-    }
-    if ema is not None:
-        snapshot["ema"] = ema.state_dict()
-    return snapshot
-
-
-def _restore(saved: dict, model: FashionNet, run_state: RunState,
-             epochs: int) -> list[EpochStats]:
-    """Load a :func:`_snapshot` into the run's objects; returns the history so far."""
-    optimizer, scheduler, generators, ema = run_state
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if ema is not None:
-        ema.load_state_dict(saved["ema"])
-    for name, generator in generators.items():
-        generator.set_state(saved["rng"][name])
-    history = [EpochStats(**row) for row in saved["history"]]
-    if saved["epoch"] != len(history) or len(history) > epochs:
-        raise ValueError(f"epoch {saved['epoch']} with {len(history)} history rows")
-    return history

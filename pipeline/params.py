@@ -16,8 +16,8 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from fashionnet.errors import ConfigError
 from fashionnet.evaluate import EvaluateConfig
 from fashionnet.incoming import IncomingConfig
+from fashionnet.recipe import TrainConfig
 from fashionnet.split import SplitConfig
-from fashionnet.train import TrainConfig
 
 PARAMS_FILE = Path("params.yaml")
 # Bounds on what a params or recipe file may cost to read: params.yaml is about 2 KB, 60 values.
@@ -92,8 +92,7 @@ class Params(BaseModel):
 
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(part) for part in error["loc"])
-    key = key if len(key) <= 60 else key[:57] + "..."
+    key = cut(".".join(str(part) for part in error["loc"]))
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if error["type"] == "missing":
@@ -101,6 +100,11 @@ def _describe(error: dict) -> str:
     if error["type"] == "value_error":  # our validators' messages quote the value already
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key}: {error['msg']} (got {excerpt(error['input'], 80)})"
+
+
+def cut(name: str, limit: int = 60) -> str:
+    """A key's name as given, cut to ``limit`` characters."""
+    return name if len(name) <= limit else name[: limit - 3] + "..."
 
 
 def excerpt(value: object, limit: int = 60) -> str:
@@ -176,7 +180,7 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if not section or not key or "." in key:
-            raise ConfigError(f"override {excerpt(dotted)}",
+            raise ConfigError(f"override {cut(dotted)}",
                               "not a section.key name (e.g. train.seed)")
         if not isinstance(raw.get(section), dict):
             raw[section] = {}
@@ -216,10 +220,10 @@ def load_recipe(path: str | os.PathLike[str],
     for key, value in raw.items():
         section, _, name = str(key).partition(".")
         if not isinstance(key, str) or not section or not name or "." in name:
-            raise ConfigError(f"{path}: {excerpt(key)}",
+            raise ConfigError(f"{path}: {cut(str(key))}",
                               "not a section.key name (e.g. train.flip)")
         if not (value is None or isinstance(value, str | int | float | bool)):
-            raise ConfigError(f"{path}: {excerpt(key)}",
+            raise ConfigError(f"{path}: {cut(str(key))}",
                               f"must be a single value, got {excerpt(value)}")
         recipe[key] = value
     try:

@@ -16,8 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from fashionnet import FashionNet
 from fashionnet.data import HISTORY_COLUMNS, LabeledImages, load_split
 from fashionnet.files import atomic_path, write_text
+from fashionnet.recipe import EpochStats, TrainConfig
 from fashionnet.runtime import describe_device, resolve_device, resolve_precision
-from fashionnet.train import EpochStats, TrainConfig, init_model, train
+from fashionnet.train import init_model, train
 from pipeline import paths
 from pipeline.params import Params
 

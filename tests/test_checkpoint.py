@@ -18,9 +18,10 @@ from fashionnet import FashionNet
 from fashionnet.checkpoint import read_checkpoint, save_checkpoint
 from fashionnet.data import LabeledImages
 from fashionnet.errors import DataError
+from fashionnet.recipe import EpochStats, TrainConfig
 from fashionnet.runtime import resolve_precision
 from fashionnet.split import SplitConfig, stratified_split
-from fashionnet.train import EpochStats, TrainConfig, init_model, train
+from fashionnet.train import init_model, train
 
 CFG = TrainConfig(epochs=2, batch_size=15, step_size=1, device="cpu")  # 4 steps per epoch
 STEPS = 4

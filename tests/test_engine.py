@@ -17,7 +17,8 @@ from fashionnet import evaluate as evaluate_module
 from fashionnet import model as model_module
 from fashionnet import runtime as runtime_module
 from fashionnet.data import to_input
-from fashionnet.train import TrainConfig, init_model, train, train_epoch
+from fashionnet.recipe import TrainConfig
+from fashionnet.train import init_model, train, train_epoch
 from tests.helpers import REPO
 from tests.test_evaluate import LOGIT_ERROR
 from tests.test_model import expected_mask

@@ -21,8 +21,8 @@ from torch.nn import functional as F
 
 from fashionnet import CLASSES, FashionNet
 from fashionnet.idx import TEST_LABELS, read_labels
+from fashionnet.recipe import TrainConfig
 from fashionnet.split import SplitConfig
-from fashionnet.train import TrainConfig
 from pipeline import paths
 from pipeline import train as train_module
 from pipeline.evaluate import evaluate_flow

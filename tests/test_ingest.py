@@ -17,8 +17,9 @@ from PIL import Image
 from fashionnet.data import CLASSES, save_split
 from fashionnet.evaluate import evaluate
 from fashionnet.incoming import SLUGS, load_batch
+from fashionnet.recipe import TrainConfig
 from fashionnet.split import SplitConfig, stratified_split
-from fashionnet.train import TrainConfig, init_model, train
+from fashionnet.train import init_model, train
 from pipeline import paths
 from pipeline.workspace import workspace_lock
 from tests.helpers import copy_repo, git

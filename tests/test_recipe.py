@@ -18,8 +18,9 @@ from fashionnet.augment import ORIENTED_CLASSES, draw_epoch, hflip, translate
 from fashionnet.data import CLASSES, LabeledImages, to_input
 from fashionnet.errors import ConfigError
 from fashionnet.evaluate import evaluate
+from fashionnet.recipe import TrainConfig
 from fashionnet.split import SplitConfig, stratified_split
-from fashionnet.train import TrainConfig, init_model, recalibrate_batchnorm, train, train_epoch
+from fashionnet.train import init_model, recalibrate_batchnorm, train, train_epoch
 from pipeline.params import load_params, load_recipe
 from tests.helpers import REPO
 

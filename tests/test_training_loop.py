@@ -14,7 +14,9 @@ from fashionnet import FashionNet
 from fashionnet import train as train_module
 from fashionnet.augment import draw_epoch
 from fashionnet.average import WeightAverage
-from fashionnet.train import TrainConfig, init_model, train, train_epoch
+from fashionnet.recipe import TrainConfig
+from fashionnet.run_state import fresh_run
+from fashionnet.train import init_model, train, train_epoch
 
 BATCH = 64
 STEPS = 4  # steps an epoch in these tests
@@ -69,7 +71,7 @@ def test_an_epoch_reads_from_the_device_only_after_its_last_step(official, monke
     cfg = TrainConfig(batch_size=BATCH, seed=3, **options)
     device = torch.device("cpu")
     model = init_model(cfg.seed).to(memory_format=torch.channels_last)
-    optimizer, scheduler, generators, ema = train_module._fresh_run(model, cfg, device, STEPS)
+    optimizer, scheduler, generators, ema = fresh_run(model, cfg, device, STEPS)
     order = torch.randperm(len(data), generator=generators["shuffle"])
     augment = draw_epoch(cfg.flip, cfg.translate, order, 1, generators.get("augment"), None,
                          device, data.labels)

@@ -24,7 +24,8 @@ import torch
 
 from fashionnet import train as train_module
 from fashionnet.data import load_split
-from fashionnet.train import TrainConfig, init_model, train
+from fashionnet.recipe import TrainConfig
+from fashionnet.train import init_model, train
 
 CFG = TrainConfig(epochs=3, batch_size=24, step_size=2, device="cpu")
 
