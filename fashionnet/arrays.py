@@ -22,7 +22,7 @@ import numpy as np
 
 from fashionnet.data import IMAGE_SIZE, NUM_CLASSES
 from fashionnet.errors import DataError
-from fashionnet.idx import MAX_ARRAY_BYTES, open_regular, read_header
+from fashionnet.idx import MAX_ARRAY_BYTES, open_data, open_regular, read_header
 
 PIXELS = IMAGE_SIZE * IMAGE_SIZE  # bytes per image
 CHUNK_IMAGES = 8192  # images per chunk read: 6.4 MB
@@ -193,13 +193,7 @@ def idx_images(path: str | os.PathLike[str]) -> ImageArray:
     """The images of an IDX image file of 28x28 unsigned bytes, header checked against the
     file's size."""
     path = Path(path)
-    try:
-        f = open_regular(path)
-    except FileNotFoundError:
-        raise DataError(path, "no such file or directory") from None
-    except OSError as e:
-        raise DataError(path, f"cannot be read: {e.strerror}") from None
-    with f:
+    with open_data(path) as f:
         dims = read_header(f, path, 3)
     if dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(path, f"images are {dims[1]}x{dims[2]}, expected 28x28")

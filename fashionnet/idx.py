@@ -47,6 +47,18 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
         raise
 
 
+def open_data(path: str | os.PathLike[str], missing: str = "no such file or directory"
+              ) -> BinaryIO:
+    """:func:`open_regular`, its failures as DataErrors naming ``path`` (``missing`` the
+    problem when it is not there)."""
+    try:
+        return open_regular(path)
+    except FileNotFoundError:
+        raise DataError(path, missing) from None
+    except OSError as e:
+        raise DataError(path, f"cannot be read: {e.strerror}") from None
+
+
 def _check_regular(path: str | os.PathLike[str], mode: int) -> None:
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "not a file")
@@ -83,13 +95,7 @@ def read_idx(path: str | os.PathLike[str], ndim: int,
     before reading its data if its header disagrees with its size or claims more than
     ``max_bytes``."""
     path = Path(path)
-    try:
-        f = open_regular(path)
-    except FileNotFoundError:
-        raise DataError(path, "file not found (run `fashionnet download`)") from None
-    except OSError as e:
-        raise DataError(path, f"cannot be read: {e.strerror}") from None
-    with f:
+    with open_data(path, "file not found (run `fashionnet download`)") as f:
         dims = read_header(f, path, ndim)
         size = math.prod(dims)
         if size > max_bytes:

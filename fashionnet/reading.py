@@ -24,7 +24,7 @@ from fashionnet.arrays import CHUNK_IMAGES, ImageArray, idx_images, npz_images
 from fashionnet.conversion import MAX_PIXELS, Invert, Prepared, convert, decode, negate
 from fashionnet.data import IMAGE_SIZE
 from fashionnet.errors import DataError
-from fashionnet.idx import open_regular
+from fashionnet.idx import open_data, open_regular
 
 # Formats Pillow identifies but cannot decode here (stubs, video, EPS without Ghostscript):
 # a directory's files in these are not taken for images.
@@ -161,11 +161,7 @@ def _open(path: str, invert: Invert, max_pixels: int
           ) -> tuple[np.ndarray, bool | None] | ImageArray:
     """One file: an image converted, (28, 28) uint8 and whether it was negated (None: already
     28x28, to be negated with others), or an .npz or IDX file's images to stream; DataError."""
-    try:  # opened once: a second open costs as much as decoding a 28x28 PNG
-        f = open_regular(path)
-    except OSError as e:  # e.g. removed since it was found
-        raise DataError(path, f"cannot be read: {e.strerror}") from None
-    with f:
+    with open_data(path) as f:  # opened once: a second open costs as much as a 28x28 decode
         magic = f.read(4)
         if magic == _IDX3_MAGIC:
             return idx_images(path)

@@ -11,13 +11,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from fashionnet import download
+from fashionnet import FashionNet, download
 from fashionnet.data import LabeledImages
 from fashionnet.idx import RAW_FILES, load_raw
+from fashionnet.train import train_epoch
 from pipeline.prefect_server import prefect_server
 from tests.helpers import copy_repo, repo_env
+from tests.predict_helpers import write_pngs
 from tests.servers import authed_prefect, git_remote, remotes, s3  # noqa: F401 (fixtures)
 
 
@@ -100,14 +104,34 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 
     monkeypatch.setattr(command, "_configure_prefect", lambda: None)  # no global log set-up
 
-    def call(directory: Path, *args: str) -> tuple[int, str, str]:
+    def call(directory: Path, *args: object) -> tuple[int, str, str]:
         monkeypatch.chdir(directory)
         capsys.readouterr()
         try:
-            code = command.main(list(args))
+            code = command.main([str(arg) for arg in args])
         except SystemExit as e:  # argparse's refusal of a malformed command line
             code = e.code
         out, err = capsys.readouterr()
         return code, out, err
 
     return call
+
+
+@pytest.fixture(scope="session")
+def test_pngs(official, tmp_path_factory) -> Path:
+    """The 10,000 official test images as PNG files 00000.png ... 09999.png (about 2 s)."""
+    return write_pngs(official[1].images.numpy(), tmp_path_factory.mktemp("pngs") / "test")
+
+
+@pytest.fixture(scope="session")
+def model_file(official, tmp_path_factory) -> Path:
+    """A FashionNet state_dict after one epoch on 1,024 training images: far from the recipe,
+    but with weights and BatchNorm statistics that are not the initial ones."""
+    torch.manual_seed(0)
+    model = FashionNet().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, amsgrad=True)
+    data = official[0].subset(np.arange(1024))
+    train_epoch(model, optimizer, data.images, data.labels, torch.randperm(1024), 64)
+    path = tmp_path_factory.mktemp("model") / "fashionnet.pt"
+    torch.save(model.state_dict(), path)
+    return path

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -127,22 +128,26 @@ def prefect_client(api_url: str, auth_string: str | None = None) -> Iterator[Syn
         yield client
 
 
-# Runs a command as its only child, then reports that child's peak resident memory (KiB on
-# Linux) on its last stderr line: RUSAGE_CHILDREN of a process with one child is that child's.
-_MEASURE = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-            "sys.exit(code)")
-
-
-def peak_rss(cwd: Path, *args: str | os.PathLike[str], env: Mapping[str, str] | None = None,
-             timeout: float = TIMEOUT) -> tuple[subprocess.CompletedProcess[str], int, float]:
-    """``args`` run as a process in ``cwd``: its result (stderr without the measurement), its
-    peak resident memory in bytes, as the kernel counted it for that process alone, and its
-    wall time in seconds."""
-    start = time.monotonic()
-    result = run(cwd, env, sys.executable, "-c", _MEASURE, *args, timeout=timeout)
-    seconds = time.monotonic() - start
-    *lines, peak = result.stderr.rstrip("\n").split("\n")
-    err = "\n".join(lines) + ("\n" if lines else "")
-    return (subprocess.CompletedProcess(result.args[3:], result.returncode, result.stdout, err),
-            int(peak) * 1024, seconds)
+def peak_growth(setup: str, measured: str, timeout: float = 120) -> tuple[int, str]:
+    """Run ``setup`` then ``measured`` (Python source) in a fresh interpreter in the repository:
+    how many bytes its peak resident memory rose above its size before ``measured`` ran (the
+    kernel's VmHWM, reset after ``setup`` through /proc/self/clear_refs), and its stdout.
+    Peak memory is a property of a whole process, so it is measured in one of its own."""
+    code = "\n".join([
+        "import sys",
+        textwrap.dedent(setup),
+        "def _status(key):",
+        "    for line in open('/proc/self/status'):",
+        "        if line.startswith(key + ':'):",
+        "            return int(line.split()[1]) * 1024",
+        "with open('/proc/self/clear_refs', 'w') as f:",
+        "    f.write('5')  # the peak resident size starts again from the current one",
+        "_before = _status('VmRSS')",
+        textwrap.dedent(measured),
+        "print('PEAK_GROWTH', _status('VmHWM') - _before, file=sys.__stdout__)",
+    ])
+    result = run(REPO, None, sys.executable, "-c", code, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    *out, last = result.stdout.strip().splitlines()
+    assert last.startswith("PEAK_GROWTH "), result.stdout
+    return int(last.split()[1]), "\n".join(out)

@@ -1,11 +1,9 @@
 """What the tests of `fashionnet predict` and its library share: PNG files of real images, a
-model's weights, the command run in this process, and a child process's peak memory. Their
-fixtures are in tests/predict_fixtures.py."""
+model's weights, the refusal they expect. Their fixtures (model_file, test_pngs) are in
+tests/conftest.py."""
 
 from __future__ import annotations
 
-import sys
-import textwrap
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,8 +15,6 @@ from PIL import Image
 from fashionnet import FashionNet
 from fashionnet.conversion import Invert, Prepared
 from fashionnet.reading import Source, read_images
-from pipeline.cli import main
-from tests.helpers import REPO, run
 
 
 def write_pngs(images: np.ndarray, directory: Path) -> Path:
@@ -57,13 +53,6 @@ def load(path: Path) -> FashionNet:
     return model.eval()
 
 
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    """`fashionnet predict *args` in this process: (exit status, stdout, stderr)."""
-    status = main(["predict", *map(str, args)])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def assert_bad_input(status: int, err: str, *names: object) -> None:
     """Exit 2 with one line on stderr naming each of ``names``, and no traceback."""
     assert status == 2, err
@@ -72,28 +61,3 @@ def assert_bad_input(status: int, err: str, *names: object) -> None:
     assert "Traceback" not in err
     for name in names:
         assert str(name) in lines[0]
-
-
-def peak_growth(setup: str, measured: str, timeout: float = 120) -> tuple[int, str]:
-    """Run ``setup`` then ``measured`` (Python source) in a fresh interpreter in the repository:
-    how many bytes its peak resident memory rose above its size before ``measured`` ran (the
-    kernel's VmHWM, reset after ``setup`` through /proc/self/clear_refs), and its stdout.
-    Peak memory is a property of a whole process, so it is measured in one of its own."""
-    code = "\n".join([
-        "import sys",
-        textwrap.dedent(setup),
-        "def _status(key):",
-        "    for line in open('/proc/self/status'):",
-        "        if line.startswith(key + ':'):",
-        "            return int(line.split()[1]) * 1024",
-        "with open('/proc/self/clear_refs', 'w') as f:",
-        "    f.write('5')  # the peak resident size starts again from the current one",
-        "_before = _status('VmRSS')",
-        textwrap.dedent(measured),
-        "print('PEAK_GROWTH', _status('VmHWM') - _before, file=sys.__stdout__)",
-    ])
-    result = run(REPO, None, sys.executable, "-c", code, timeout=timeout)
-    assert result.returncode == 0, result.stderr
-    *out, last = result.stdout.strip().splitlines()
-    assert last.startswith("PEAK_GROWTH "), result.stdout
-    return int(last.split()[1]), "\n".join(out)

@@ -19,15 +19,12 @@ from fashionnet import CLASSES, FashionNet, predict
 from fashionnet.data import LabeledImages, save_split
 from pipeline import predict as command
 from tests.helpers import ok, set_params
-from tests.predict_helpers import assert_bad_input, cli, write_pngs
-
-pytest_plugins = ["tests.predict_fixtures"]  # its fixtures: model_file, test_pngs
-
+from tests.predict_helpers import assert_bad_input, write_pngs
 
 # --- the command ----------------------------------------------------------------------------
 
 
-def test_npz_idx_and_directories_in_one_call(capsys, tmp_path, official, model_file):
+def test_npz_idx_and_directories_in_one_call(cli, tmp_path, official, model_file):
     """Rows in the order given, a directory's files sorted recursively; .npz and IDX rows name
     their index; predictions those of the Python API."""
     images = official[1].images[:335]
@@ -41,7 +38,7 @@ def test_npz_idx_and_directories_in_one_call(capsys, tmp_path, official, model_f
     (tmp_path / "photos" / "notes.txt").write_text("not an image, not picked up")
     (tmp_path / "photos" / ".hidden").mkdir()
     Image.fromarray(images[0].numpy()).save(tmp_path / "photos" / ".hidden" / "x.png")
-    status, out, err = cli(capsys, tmp_path / "test.npz", idx, tmp_path / "photos",
+    status, out, err = cli(tmp_path, "predict", tmp_path / "test.npz", idx, tmp_path / "photos",
                            "--model", model_file, "--format", "csv")
     assert status == 0, err
     table = pd.read_csv(io.StringIO(out), dtype={"index": str}, keep_default_na=False)
@@ -56,14 +53,16 @@ def test_npz_idx_and_directories_in_one_call(capsys, tmp_path, official, model_f
     np.testing.assert_allclose(table["probability"], expected.confidence[order], atol=1e-6)
 
 
-def test_csv_json_and_table(capsys, tmp_path, official, model_file):
+def test_csv_json_and_table(cli, capsys, tmp_path, official, model_file):
     pngs = write_pngs(official[1].images[:5].numpy(), tmp_path / "pngs")
-    status, out, _ = cli(capsys, pngs, "--model", model_file, "--top", "3")  # not a terminal
+    # Not a terminal: CSV.
+    status, out, _ = cli(tmp_path, "predict", pngs, "--model", model_file, "--top", "3")
     assert status == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(rows[0]) == ["file", "index", "inverted", "class", "probability", "class_2",
                              "probability_2", "class_3", "probability_3"]
-    status, out, _ = cli(capsys, pngs, "--model", model_file, "--format", "json", "--top", "10")
+    status, out, _ = cli(tmp_path, "predict", pngs, "--model", model_file, "--format", "json",
+                         "--top", "10")
     records = json.loads(out)
     assert out == json.dumps(records, indent=1) + "\n"  # written a record at a time
     assert [r["class"] for r in records] == [r["class"] for r in rows]
@@ -72,14 +71,14 @@ def test_csv_json_and_table(capsys, tmp_path, official, model_file):
         assert record["top"][0]["class"] == record["class"]
         assert sorted(t["class"] for t in record["top"]) == sorted(CLASSES)
         assert sum(t["probability"] for t in record["top"]) == pytest.approx(1, abs=1e-4)
-    status, out, _ = cli(capsys, pngs, "--model", model_file, "--format", "table", "--top", "2")
+    status, out, _ = cli(tmp_path, "predict", pngs, "--model", model_file, "--format", "table",
+                         "--top", "2")
     lines = out.splitlines()
     assert lines[0].split() == ["file", "class", "probability", "inverted", "top", "2"]
     assert len(lines) == 6 and all(r["class"] in line for r, line in zip(rows, lines[1:],
                                                                           strict=True))
-    with pytest.raises(SystemExit) as usage:  # argparse: exit 2 with its usage message
-        cli(capsys, pngs, "--model", model_file, "--top", "11")
-    assert usage.value.code == 2 and "above 10" in capsys.readouterr().err
+    status, _, err = cli(tmp_path, "predict", pngs, "--model", model_file, "--top", "11")
+    assert status == 2 and "above 10" in err  # argparse: exit 2 with its usage message
 
 
 def test_progress_bar_on_a_terminal_only(tmp_path, official, model_file, monkeypatch):
@@ -102,7 +101,7 @@ def test_progress_bar_on_a_terminal_only(tmp_path, official, model_file, monkeyp
 # --- bad input ------------------------------------------------------------------------------
 
 
-def test_bad_image_files_exit_2_naming_the_file(capsys, tmp_path, official, model_file):
+def test_bad_image_files_exit_2_naming_the_file(cli, tmp_path, official, model_file):
     good = write_pngs(official[1].images[:3].numpy(), tmp_path / "good") / "00000.png"
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:-30])
@@ -125,25 +124,26 @@ def test_bad_image_files_exit_2_naming_the_file(capsys, tmp_path, official, mode
              (bad_npz, "(N, 28, 28) uint8"), (cut_idx, "truncated"),
              (tmp_path / "missing.png", "no such file"), (empty, "holds no image")]
     for path, problem in cases:
-        status, out, err = cli(capsys, good, path, "--model", model_file)
+        status, out, err = cli(tmp_path, "predict", good, path, "--model", model_file)
         assert_bad_input(status, err, path, problem)
         assert out == ""  # nothing half-written
 
 
-def test_skip_bad_reports_and_predicts_the_rest(capsys, tmp_path, official, model_file):
+def test_skip_bad_reports_and_predicts_the_rest(cli, tmp_path, official, model_file):
     pngs = write_pngs(official[1].images[:4].numpy(), tmp_path / "pngs")
     (pngs / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    status, out, err = cli(capsys, pngs, "--skip-bad", "--model", model_file)
+    status, out, err = cli(tmp_path, "predict", pngs, "--skip-bad", "--model", model_file)
     assert status == 0
     assert err.strip() == f"fashionnet predict: skipped {pngs / '00002.png'}: damaged or " \
                           "truncated image (Truncated File Read)"
     files = [row["file"] for row in csv.DictReader(io.StringIO(out))]
     assert files == [str(pngs / f"0000{i}.png") for i in (0, 1, 3)]
-    status, out, err = cli(capsys, pngs / "00002.png", "--skip-bad", "--model", model_file)
+    status, out, err = cli(tmp_path, "predict", pngs / "00002.png", "--skip-bad", "--model",
+                           model_file)
     assert status == 2 and "none of the 1 files" in err.splitlines()[-1]
 
 
-def test_bad_model_files_exit_2_naming_the_file(capsys, tmp_path, official):
+def test_bad_model_files_exit_2_naming_the_file(cli, tmp_path, official):
     png = write_pngs(official[1].images[:1].numpy(), tmp_path) / "00000.png"
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x80\x02not a model")
@@ -156,7 +156,7 @@ def test_bad_model_files_exit_2_naming_the_file(capsys, tmp_path, official):
     for path, problem in [(garbage, "cannot be loaded"), (not_state_dict, "not a state_dict"),
                           (other_net, "does not fit FashionNet"), (pickled, "cannot be loaded"),
                           (tmp_path / "none.pt", "file not found")]:
-        status, out, err = cli(capsys, png, "--model", path)
+        status, out, err = cli(tmp_path, "predict", png, "--model", path)
         assert_bad_input(status, err, path, problem)
         assert out == ""
 
@@ -165,8 +165,8 @@ def test_bad_model_files_exit_2_naming_the_file(capsys, tmp_path, official):
 
 
 @pytest.mark.slow
-def test_predict_on_10000_pngs_agrees_with_fashionnet_evaluate(capsys, repo_copy, cli_env,
-                                                               official, test_pngs, model_file):
+def test_predict_on_10000_pngs_agrees_with_fashionnet_evaluate(cli, repo_copy, cli_env, official,
+                                                                test_pngs, model_file, tmp_path):
     """`fashionnet evaluate` and `fashionnet predict` in float32 on the test set written as PNG
     files: the same test accuracy, the same prediction for every image. In bfloat16 (predict's
     default here), the few images whose class changes are those float32 finds nearly tied."""
@@ -185,8 +185,8 @@ def test_predict_on_10000_pngs_agrees_with_fashionnet_evaluate(capsys, repo_copy
     metrics = json.loads((repo_copy / "metrics" / "metrics.json").read_text())
     reference = pd.read_csv(repo_copy / "metrics" / "predictions.csv")
     model = repo_copy / "models" / "fashionnet.pt"
-    status, out, err = cli(capsys, test_pngs, "--model", model, "--precision", "float32",
-                           "--format", "csv")
+    status, out, err = cli(tmp_path, "predict", test_pngs, "--model", model, "--precision",
+                           "float32", "--format", "csv")
     assert status == 0, err
     f32 = pd.read_csv(io.StringIO(out))
     assert f32["file"].tolist() == [str(test_pngs / f"{i:05d}.png") for i in range(10_000)]
@@ -196,7 +196,7 @@ def test_predict_on_10000_pngs_agrees_with_fashionnet_evaluate(capsys, repo_copy
     assert not f32["inverted"].any()
 
     # The default, auto: bfloat16 on a CPU with AVX512-BF16 (as here), else float32.
-    status, out, err = cli(capsys, test_pngs, "--model", model, "--format", "csv")
+    status, out, err = cli(tmp_path, "predict", test_pngs, "--model", model, "--format", "csv")
     assert status == 0, err
     bf16 = pd.read_csv(io.StringIO(out))
     differ = bf16["class"] != f32["class"]

@@ -18,9 +18,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.cli import main
-from tests.predict_helpers import assert_bad_input, blank_png, cli, peak_growth
-
-pytest_plugins = ["tests.predict_fixtures"]  # its fixtures: model_file
+from tests.helpers import peak_growth
+from tests.predict_helpers import assert_bad_input, blank_png
 
 MB = 1 << 20
 
@@ -43,21 +42,19 @@ def test_a_named_pipe_is_refused_without_blocking(capsys, tmp_path, model_file):
 
 @pytest.mark.parametrize(("kind", "what"), [("socket", "a socket"),
                                            ("device", "a character device")])
-def test_sockets_and_devices_are_refused_naming_the_path(capsys, tmp_path, model_file, kind,
-                                                         what):
+def test_sockets_and_devices_are_refused_naming_the_path(cli, tmp_path, model_file, kind, what):
     path = tmp_path / "photo.png"
     if kind == "socket":
         with socket.socket(socket.AF_UNIX) as s:
             s.bind(str(path))
     else:
         path = "/dev/zero"  # endless
-    status, out, err = cli(capsys, path, "--model", model_file)
+    status, out, err = cli(tmp_path, "predict", path, "--model", model_file)
     assert_bad_input(status, err, path, f"not a regular file: {what}")
     assert out == ""
 
 
-def test_walks_meeting_loops_or_special_files_exit_2_or_skip_them(capsys, tmp_path,
-                                                                   model_file):
+def test_walks_meeting_loops_or_special_files_exit_2_or_skip_them(cli, tmp_path, model_file):
     """A link back to a parent directory, a link to itself, a FIFO named like an image: each
     is an error naming it (it was an OSError, exit 1, or the FIFO went unnoticed), and with
     --skip-bad each is reported and the images beside it predicted."""
@@ -74,16 +71,16 @@ def test_walks_meeting_loops_or_special_files_exit_2_or_skip_them(capsys, tmp_pa
             (directory / "self.png").symlink_to("self.png")
         else:
             os.mkfifo(directory / "pipe.png")
-        status, out, err = cli(capsys, directory, "--model", model_file)
+        status, out, err = cli(tmp_path, "predict", directory, "--model", model_file)
         assert_bad_input(status, err, directory / entry, problem)
-        status, out, err = cli(capsys, directory, "--model", model_file, "--skip-bad")
+        status, out, err = cli(tmp_path, "predict", directory, "--model", model_file, "--skip-bad")
         assert status == 0 and err == f"fashionnet predict: skipped {directory / entry}: " \
                                       f"{err.split(': ', 2)[2]}" and problem in err
         assert [line.split(",")[0] for line in out.splitlines()[1:]] == [
             str(directory / "a.png")]
 
 
-def test_an_npz_claiming_a_billion_images_exits_2_at_once(capsys, tmp_path, model_file):
+def test_an_npz_claiming_a_billion_images_exits_2_at_once(cli, tmp_path, model_file):
     """Its header says 784 GB, the file holds 2 kB: refused from the header (numpy used to
     try to allocate the 784 GB: MemoryError, exit 1)."""
     member = io.BytesIO()
@@ -92,13 +89,12 @@ def test_an_npz_claiming_a_billion_images_exits_2_at_once(capsys, tmp_path, mode
     path = tmp_path / "forged.npz"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("images.npy", member.getvalue() + bytes(3 * 784))
-    status, out, err = cli(capsys, path, "--model", model_file)
+    status, out, err = cli(tmp_path, "predict", path, "--model", model_file)
     assert_bad_input(status, err, path, "'images' claims (1000000000, 28, 28)")
     assert out == ""
 
 
-def test_an_idx_file_claiming_more_than_it_holds_is_refused_unread(capsys, tmp_path,
-                                                                   model_file):
+def test_an_idx_file_claiming_more_than_it_holds_is_refused_unread(cli, tmp_path, model_file):
     """200 MB (sparse) with a header claiming 4 billion images: refused from its size, no
     byte of its data read (it used to be read whole first)."""
     path = tmp_path / "forged-idx3-ubyte"
@@ -107,7 +103,7 @@ def test_an_idx_file_claiming_more_than_it_holds_is_refused_unread(capsys, tmp_p
         f.truncate(200 * MB)
     tracemalloc.start()
     try:
-        status, out, err = cli(capsys, path, "--model", model_file)
+        status, out, err = cli(tmp_path, "predict", path, "--model", model_file)
         peak = tracemalloc.get_traced_memory()[1]  # what Python and NumPy allocated
     finally:
         tracemalloc.stop()
@@ -115,26 +111,25 @@ def test_an_idx_file_claiming_more_than_it_holds_is_refused_unread(capsys, tmp_p
     assert peak < 10 * MB and out == ""
 
 
-def test_an_image_over_the_pixel_limit_is_refused_before_decoding(capsys, tmp_path,
-                                                                  model_file):
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(cli, tmp_path, model_file):
     """4097x4096 pixels, one row over MAX_PIXELS (it used to be decoded, whatever its size
     up to Pillow's 179 million), and 9500x9500 without Pillow's warning on stderr beside the
     one line; a JPEG over the limit is decoded at half scale and read."""
     path = tmp_path / "big.png"
     path.write_bytes(blank_png(4097, 4096))
-    status, out, err = cli(capsys, path, "--model", model_file)
+    status, out, err = cli(tmp_path, "predict", path, "--model", model_file)
     assert_bad_input(status, err, path, "4097x4096 pixels to decode, more than the limit of "
                                         "16,777,216")
     path.write_bytes(blank_png(9500, 9500))  # over Pillow's 89.5 million: it would warn
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        status, out, err = cli(capsys, path, "--model", model_file)
+        status, out, err = cli(tmp_path, "predict", path, "--model", model_file)
     assert_bad_input(status, err, path, "9500x9500 pixels to decode")
     assert not [w for w in caught if w.category is Image.DecompressionBombWarning]
     photo = Image.new("RGB", (4200, 4200), (250, 250, 250))
     ImageDraw.Draw(photo).ellipse((1000, 1000, 3000, 3500), fill=(30, 30, 30))
     photo.save(tmp_path / "big.jpg", quality=70)
-    status, out, err = cli(capsys, tmp_path / "big.jpg", "--model", model_file)
+    status, out, err = cli(tmp_path, "predict", tmp_path / "big.jpg", "--model", model_file)
     assert status == 0 and out.count("\n") == 2, err
 
 

@@ -20,9 +20,6 @@ from fashionnet.reading import find_images, read_images
 from fashionnet.runtime import resolve_precision
 from tests.predict_helpers import load, write_pngs
 
-pytest_plugins = ["tests.predict_fixtures"]  # its fixtures: model_file, test_pngs
-
-
 # --- agreement with evaluation ----------------------------------------------------------------
 
 
