@@ -168,8 +168,9 @@ def test_help_lists_every_command(workspace, cli):
 def test_runs_the_code_of_the_checkout_it_runs_in(repo_copy, tmp_path):
     """DVC runs queued experiments in temporary copies of the repository; their stages must run
     the copy's code (what dvc.lock hashes), not the installed package's."""
-    cli = repo_copy / "pipeline" / "cli.py"
-    cli.write_text(cli.read_text().replace('"train FashionNet:', '"MARKER train FashionNet:'))
+    arguments = repo_copy / "pipeline" / "arguments.py"
+    arguments.write_text(arguments.read_text().replace('"train FashionNet:',
+                                                       '"MARKER train FashionNet:'))
     fashionnet = BIN / "fashionnet"  # the installed script, on the installed package's path
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = run(repo_copy, env, fashionnet, "--help")
