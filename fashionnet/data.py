@@ -101,5 +101,5 @@ def load_split(path: str | os.PathLike[str], allow_empty: bool = False) -> Label
 
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], what ToTensor gave the seed."""
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], what ToTensor gave the reference."""
     return images.unsqueeze(1).float().div_(255.0)

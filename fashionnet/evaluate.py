@@ -16,7 +16,7 @@ from fashionnet.inference import EVAL_BATCH, map_batches
 
 
 class EvaluateConfig(BaseModel):
-    """How the evaluate stage predicts; the default is the seed's (one view per image)."""
+    """How the evaluate stage predicts; the default is the reference's (one view per image)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

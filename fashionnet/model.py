@@ -1,4 +1,4 @@
-"""FashionNet: the two-layer CNN of the seed, exactly as specified."""
+"""FashionNet: the two-layer CNN of the reference, exactly as specified."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ class FashionNet(nn.Module):
         self.drop2 = Dropout(dropout, inplace=True)
         self.fc = nn.Linear(64 * 14 * 14, NUM_CLASSES)  # 12544 -> 10, default init
         for conv in (self.conv1, self.conv2):
-            # The seed's kaiming normal with PyTorch's defaults (fan_in, leaky_relu a=0).
+            # The reference's kaiming normal with PyTorch's defaults (fan_in, leaky_relu a=0).
             nn.init.kaiming_normal_(conv.weight)
             nn.init.zeros_(conv.bias)
 

@@ -21,7 +21,7 @@ def _renamed_flip(value: object) -> object:
 
 
 class TrainConfig(BaseModel):
-    """The training recipe; defaults are the seed's (batch size aside, which it does not give)."""
+    """The training recipe; its defaults are the reference recipe (batch size aside: not given)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -35,7 +35,7 @@ class TrainConfig(BaseModel):
     seed: Seed = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # see runtime.resolve_precision
-    # Recipe options beyond the seed's; each default is the seed's recipe (docs/recipe.md).
+    # Recipe options beyond the reference's; each default is the reference recipe (docs/recipe.md).
     schedule: Literal["step", "cosine", "onecycle"] = Field(
         "step", description="step: StepLR(step_size, gamma) per epoch; cosine: cosine decay "
         "from lr to 0 per step; onecycle: OneCycleLR up to lr and down, per step")

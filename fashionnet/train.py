@@ -148,7 +148,7 @@ def train(
                 model.load_state_dict(initial)
                 run_state = fresh_run(model, cfg, device, steps)
     optimizer, scheduler, generators, ema = run_state
-    # Which images alternate flipping odd/even epochs: a function of the seed alone, so it
+    # Which images alternate flipping odd/even epochs: a function of train.seed alone, so it
     # needs no place in the checkpoint.
     alternate_base = (torch.rand(n, generator=torch.Generator().manual_seed(
         derived_seed(cfg.seed, 2))) < 0.5) if cfg.flip == "alternate" else None

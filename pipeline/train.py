@@ -1,4 +1,4 @@
-"""Stage `train`: FashionNet with the seed's recipe."""
+"""Stage `train`: FashionNet with the reference recipe (and the options params.yaml turns on)."""
 
 from __future__ import annotations
 
