@@ -179,7 +179,7 @@ def examine(paths_given: list[str | os.PathLike[str]], label: str | None = None,
 
 def _write(batch: Batch) -> None:
     """data/incoming/ with the batch added, swapped in whole (see the module's docstring)."""
-    from pipeline.workspace import dvc
+    from pipeline.workspace import dvc, git
 
     live = paths.INCOMING_DIR
     with replaced_directory(live) as stage:
@@ -187,6 +187,9 @@ def _write(batch: Batch) -> None:
         images, labels = batch.read.images[new], batch.read.labels[new]
         file = save_batch(stage, images, labels)
         dvc("add", "--quiet", str(file), log=False)
+        # core.autostage (.dvc/config) has just staged the copy's files in git's index: not
+        # there, under a name that is about to go; `--push` stages data/incoming/ itself.
+        git("reset", "--quiet", "--", str(stage))
         row = manifest.Row(batch.batch or "", datetime.now(timezone.utc).isoformat(
             timespec="seconds"), counts(labels), len(batch.sorted.repeated), batch.sources)
         write_text(stage / paths.MANIFEST.name,

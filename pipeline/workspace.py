@@ -129,8 +129,10 @@ def _run(tool: str, args: tuple[str, ...], env: Mapping[str, str] | None, log: b
             proc.terminate()  # the supervisor stops the group: SIGINT, then SIGKILL
             proc.wait()
             raise
-    if proc.returncode:
-        last = next((line.strip() for line in reversed(output) if line.strip()), "(no output)")
+    if proc.returncode:  # the error DVC names, else its last line
+        last = next((line.strip() for line in reversed(output) if line.startswith("ERROR")),
+                    next((line.strip() for line in reversed(output) if line.strip()),
+                         "(no output)"))
         raise CommandFailed(f"{tool} {' '.join(args)} exited with status {proc.returncode}: "
                             f"{last}")
     return "".join(output)

@@ -107,6 +107,8 @@ def test_class_directories_become_one_batch_with_its_manifest_row(ws, cli, offic
     assert (ws / paths.INCOMING_DIR / f"{batch}.npz.dvc").exists()
     assert f"/{batch}.npz" in (ws / paths.INCOMING_DIR / ".gitignore").read_text().split()
     assert git(ws, "status", "--porcelain", "--ignored", "data/incoming").count(".npz") == 2
+    # Nothing staged in git for the copy it was made in (core.autostage is on).
+    assert git(ws, "diff", "--cached", "--name-only") == ""
 
 
 def test_the_same_batch_again_changes_nothing(ws, cli, official, project, tmp_path):

@@ -55,6 +55,22 @@ def set_param(ws: Path, key: str, value: int) -> None:
     (ws / "params.yaml").write_text(text.replace(block[1], edited))
 
 
+def start_afresh(ws: Path) -> None:
+    """The clone as a project that has not run yet: no dvc.lock, no stage outputs, and the
+    seeds' and sweep's tables empty (the report reads them)."""
+    import yaml
+
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"].values()
+    outs = [next(iter(o)) if isinstance(o, dict) else o
+            for stage in stages for key in ("outs", "metrics") for o in stage.get(key, [])]
+    tracked = set(sh(ws, "git", "ls-files").stdout.split())
+    sh(ws, "git", "rm", "-q", "dvc.lock", *(o for o in outs if o in tracked))
+    for table in ("metrics/seeds.csv", "metrics/sweep.csv"):
+        header = (ws / table).read_text().splitlines()[0]
+        (ws / table).write_text(header + "\n")
+    sh(ws, "git", "commit", "-qam", "Demo: a project that has not run yet")
+
+
 def write_pngs(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         (root / str(int(label))).mkdir(parents=True, exist_ok=True)
@@ -112,6 +128,7 @@ def main() -> None:
     sh(args.work, "git", "clone", "-q", str(root), str(ws))
     sh(ws, "git", "checkout", "-q", "-B", "main")
     sh(ws, "git", "remote", "set-url", "origin", str(origin))
+    start_afresh(ws)
     set_param(ws, "split.limit", args.limit)
     if args.epochs:
         set_param(ws, "train.epochs", args.epochs)
@@ -137,7 +154,10 @@ def main() -> None:
         if k == 3:  # a labelling mistake: the same images, labels shuffled
             shuffled = np.random.default_rng(1).permutation(labels)
             bad = write_pngs(args.work / "shuffled", images, shuffled)
-            refused = sh(ws, "fashionnet", "ingest", str(bad), "--push", check=False).stderr
+            offered = sh(ws, "fashionnet", "ingest", str(bad), "--push", check=False)
+            if offered.returncode != 2:
+                sys.exit("the shuffled batch was not refused")
+            refused = offered.stderr
         source = write_pngs(args.work / f"batch-{k}", images, labels)
         sh(ws, "fashionnet", "ingest", str(source), "--push")
         os.chdir(ws)
