@@ -130,7 +130,8 @@ def _ingest(args: argparse.Namespace) -> int:
     --dry-run, before the one line on stderr."""
     from pipeline.ingest import BatchRefused, ingest
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.basicConfig(format="%(message)s", stream=sys.stdout)  # warnings, of any library
+    logging.getLogger("fashionnet").setLevel(logging.INFO)  # and what ingest itself says
     try:
         batch = ingest(args.paths, label=args.label, labels=args.labels, dry_run=args.dry_run,
                        push=args.push, force=args.force)
