@@ -166,3 +166,20 @@ def test_retrain_from_a_detached_head_is_refused_before_any_work(repo_copy, cli,
     assert err.splitlines() == ["fashionnet retrain: failed: RuntimeError: HEAD is detached: "
                                 "check out the branch to commit to"]
     assert "dvc exp run" not in out and not (repo_copy / ".dvc" / "tmp" / "exps").exists()
+
+
+def test_serve_listens_for_this_repositorys_ingest_events(repo_copy, monkeypatch):
+    """`fashionnet serve` gets prefect.yaml's trigger, on the events of its own repository: the
+    resource id `fashionnet ingest --push` emits for the remote it pushes to."""
+    from pipeline.retrain import served_triggers
+    from pipeline.sharing import EVENT, resource_id
+
+    monkeypatch.chdir(repo_copy)
+    assert served_triggers() == []  # no git remote: no push, no event
+    git(repo_copy, "remote", "add", "origin", "https://git.example/team/fashionnet.git")
+    (trigger,) = served_triggers()
+    assert trigger.match["prefect.resource.id"] == [resource_id(
+        "https://git.example/team/fashionnet.git")]
+    assert trigger.expect == {EVENT}
+    assert trigger.parameters == {"ingested": "{{ event.payload.commit }}"}
+    assert (trigger.within.total_seconds(), trigger.schedule_after.total_seconds()) == (300, 300)
