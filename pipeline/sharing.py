@@ -12,18 +12,7 @@ from __future__ import annotations
 import logging
 
 from fashionnet.errors import ConfigError
-from pipeline import paths
-from pipeline.workspace import (
-    committer_env,
-    current_branch,
-    default_dvc_remote,
-    dvc,
-    git,
-    git_remote,
-    head_commit,
-    remote_url,
-    upstream_ref,
-)
+from pipeline import paths, workspace
 
 log = logging.getLogger("fashionnet")
 EVENT = "fashionnet.data.ingested"
@@ -41,12 +30,12 @@ def check_push() -> None:
     from pipeline.prefect_server import configured_api_url
 
     try:
-        current_branch()
+        workspace.current_branch()
     except RuntimeError as e:
         raise ConfigError("--push", str(e)) from None
-    if git_remote() is None:
+    if workspace.git_remote() is None:
         raise ConfigError("--push", "needs a git remote: `git remote add origin URL`")
-    if default_dvc_remote() is None:
+    if workspace.default_dvc_remote() is None:
         raise ConfigError("--push", "needs a default DVC remote: `dvc remote add -d NAME URL` "
                                     "(docs/distributed.md)")
     if not configured_api_url():
@@ -58,15 +47,15 @@ def check_push() -> None:
 def push_batch(batch: str, images: int, sources: list[str]) -> str:
     """Commit data/incoming/ (the manifest and the batch's .dvc file), `dvc push` the batch,
     `git push` the branch, and emit the event; the commit."""
-    remote = git_remote() or "origin"
-    branch = current_branch()
-    git("add", str(paths.INCOMING_DIR))
+    remote = workspace.git_remote() or "origin"
+    branch = workspace.current_branch()
+    workspace.git("add", str(paths.INCOMING_DIR))
     shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
-    git("commit", "--quiet", "-m", f"Ingest batch {batch}: {images} images from {shown}",
-        "--", str(paths.INCOMING_DIR), env=committer_env())
-    commit = head_commit()
-    dvc("push", str(paths.INCOMING_DIR / f"{batch}.npz.dvc"), log=False)
-    git("push", "--quiet", remote, f"{commit}:{upstream_ref(branch)}")
+    workspace.git("commit", "--quiet", "-m", f"Ingest batch {batch}: {images} images from "
+                  f"{shown}", "--", str(paths.INCOMING_DIR), env=workspace.committer_env())
+    commit = workspace.head_commit()
+    workspace.dvc("push", str(paths.INCOMING_DIR / f"{batch}.npz.dvc"), log=False)
+    workspace.git("push", "--quiet", remote, f"{commit}:{workspace.upstream_ref(branch)}")
     emit(commit, [batch], remote)
     log.info("batch %s committed as %s, pushed to %s and the DVC remote", batch, commit[:8],
              remote)
@@ -78,11 +67,11 @@ def emit(commit: str, batches: list[str], remote: str = "origin") -> None:
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
-    url = remote_url(remote) or remote
+    url = workspace.remote_url(remote) or remote
     emitted = emit_event(EVENT, resource={"prefect.resource.id": resource_id(url),
                                           "prefect.resource.name": url},
                          payload={"commit": commit, "batches": batches,
-                                  "branch": current_branch()})
+                                  "branch": workspace.current_branch()})
     EventsWorker.drain_all(timeout=30)  # sent now: the process may end next
     if emitted is None:
         raise RuntimeError(f"the {EVENT} event could not be emitted (Prefect events are off)")
