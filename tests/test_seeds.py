@@ -82,7 +82,9 @@ def test_seeds_runs_experiments_records_them_and_applies_the_own_seed(tmp_path, 
 @pytest.mark.slow
 def test_a_failed_seed_run_fails_and_changes_nothing(tmp_path, prefect_api, raw_dir):
     repo, env = small_repo(tmp_path, prefect_api, raw_dir)
-    # A valid params.yaml whose run fails in its first stage: the raw files' directory is not.
+    # A valid params.yaml whose run fails in its first stage: the raw files' directory is not
+    # there (and the environment names none, which would take its place).
+    del env["FASHIONNET_SOURCE_DIR"]
     set_params(repo, **{"download.source_dir": str(tmp_path / "nowhere")})
     git(repo, "commit", "-qam", "a source directory that is not there")
     before = {p: (repo / p).read_bytes() for p in ("params.yaml", str(paths.SEEDS))}
