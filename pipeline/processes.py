@@ -9,13 +9,18 @@ child runs unguarded and only a clean exit of its parent stops it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 STOP_TIMEOUT = 30  # seconds between SIGINT and SIGKILL
 
@@ -34,39 +39,6 @@ if os.getppid() != int(sys.argv[1]):
 """
 _EXEC = _ASK_FOR_DEATH.format(signal="SIGKILL") + "os.execv(sys.argv[2], sys.argv[2:])\n"
 
-# Run as the child: the supervisor of a process group that holds the command and whatever it
-# starts. On its parent's death (the death signal is SIGTERM here) or on SIGINT/SIGTERM, the
-# group gets SIGINT, then SIGKILL after GRACE seconds, then the cleanup command (JSON) runs.
-_SUPERVISE = _ASK_FOR_DEATH.format(signal="SIGTERM") + """\
-grace, cleanup = float(sys.argv[2]), json.loads(sys.argv[3])
-child = subprocess.Popen(sys.argv[4:], start_new_session=True)
-
-def signal_group(signum):
-    try:
-        os.killpg(child.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-def stop(signum, _frame):
-    signal_group(signal.SIGINT)
-    try:
-        child.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    signal_group(signal.SIGKILL)  # the command and all it started, however far it got
-    if cleanup:
-        subprocess.run(cleanup, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-    os._exit(128 + signum)
-
-for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(s, stop)
-code = child.wait()
-signal_group(signal.SIGKILL)  # what the command left running in its group
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
-
 def die_with_parent(command: Sequence[str], group: bool = False,
                     cleanup: Sequence[str] = ()) -> list[str]:
     """``command`` (its first item a path) wrapped so that it dies with this thread's process,
@@ -74,14 +46,14 @@ def die_with_parent(command: Sequence[str], group: bool = False,
     (the death signal follows the thread that forked).
 
     ``group=False``: the command runs in the wrapper's place and gets SIGKILL. ``group=True``:
-    a supervisor runs the command in a process group of its own and ends the whole group, the
-    processes the command started included (`dvc exp run` -> `fashionnet train`), with SIGINT
-    then SIGKILL after GRACE seconds; SIGINT or SIGTERM sent to the supervisor does the same,
-    and then ``cleanup`` runs (a command: what the dead processes cannot finish themselves).
+    supervise() runs the command and ends it with all it started (`dvc exp run` -> `fashionnet
+    train`, DVC's queue workers too): SIGINT, then SIGKILL after GRACE seconds, when this
+    process dies or the supervisor gets SIGINT, SIGTERM or SIGHUP; then ``cleanup`` runs (a
+    command: what the dead processes cannot finish themselves).
     """
     if group:
-        return [sys.executable, "-c", _SUPERVISE, str(os.getpid()), str(GRACE),
-                json.dumps(list(cleanup)), *command]
+        return [sys.executable, "-m", "pipeline.processes", "supervise", str(os.getpid()),
+                str(GRACE), json.dumps(list(cleanup)), *command]
     return [sys.executable, "-c", _EXEC, str(os.getpid()), *command]
 
 
@@ -133,6 +105,95 @@ def cancel_children(parent: str) -> list[str]:
     return done
 
 
-if __name__ == "__main__":  # python -m pipeline.processes cancel-children PARENT_RUN_ID
-    if sys.argv[1:2] == ["cancel-children"]:
+def _prctl(option: int, value: int) -> None:
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is not None and prctl(option, value) != 0:
+        sys.exit(f"prctl({option}) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def _descendants() -> list[int]:
+    """The live processes below this one. As a subreaper (supervise) this process inherits the
+    orphans of its tree, so the daemons a command starts (new session, parent gone) count."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while we looked
+            continue
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _signal_all(signum: int, group: int) -> list[int]:
+    """``signum`` to process group ``group`` and to every process below this one (signal 0:
+    which are left); those it reached."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signum)
+    reached = []
+    for pid in _descendants():
+        try:
+            os.kill(pid, signum)
+            reached.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return reached
+
+
+def supervise(parent: int, grace: float, cleanup: list[str], command: list[str]) -> int:
+    """Run ``command`` and end everything it starts when it exits, when process ``parent``
+    dies, or on SIGINT/SIGTERM/SIGHUP: SIGINT, then SIGKILL after ``grace`` seconds; on the
+    latter three ``cleanup`` runs then. Its exit status: the command's, or 128 + the signal.
+
+    Written here, not left to a library: Linux alone knows a tree's orphans (the subreaper
+    flag, PR_SET_CHILD_SUBREAPER = 36), and signals are only handled safely by a flag the
+    main loop reads (wakeup fd), never by waiting inside a handler."""
+    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: our parent's death is a SIGTERM to us
+    if os.getppid() != parent:
+        sys.exit("the parent process is gone")
+    _prctl(36, 1)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    stopping: list[int] = []
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # before the command starts
+        signal.signal(s, lambda signum, _frame: stopping.append(signum))
+    child = subprocess.Popen(command, start_new_session=True)
+    ended = os.pidfd_open(child.pid) if hasattr(os, "pidfd_open") else None
+    while not stopping and child.poll() is None:
+        select.select([wake_read, *([ended] if ended is not None else [])], [], [],
+                      None if ended is not None else 0.5)
+    # SIGINT first (`dvc exp run` stops its stage and cleans up), then SIGKILL: to the
+    # command's process group and to every process below this one (the group's members and
+    # any that left it, like DVC's queue workers), after it ended too.
+    _signal_all(signal.SIGINT, child.pid)
+    deadline = time.monotonic() + grace
+    while _signal_all(0, child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a poll of /proc: the ends of processes not our children send nothing
+    _signal_all(signal.SIGKILL, child.pid)
+    code = child.wait()
+    while True:  # reap the orphans we inherited
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                break
+        except ChildProcessError:
+            break
+    if stopping:
+        if cleanup:
+            subprocess.run(cleanup, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+        return 128 + stopping[0]
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["cancel-children"]:  # PARENT_RUN_ID
         cancel_children(sys.argv[2])
+    elif sys.argv[1:2] == ["supervise"]:  # PARENT_PID GRACE CLEANUP_JSON COMMAND...
+        sys.exit(supervise(int(sys.argv[2]), float(sys.argv[3]), json.loads(sys.argv[4]),
+                           sys.argv[5:]))

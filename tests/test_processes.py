@@ -4,6 +4,7 @@ train stage with it within seconds, their flow runs ending Cancelled, not Crashe
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,17 +12,19 @@ import time
 import psutil
 import pytest
 
-from pipeline.processes import PARENT_TAG
+from pipeline.processes import PARENT_TAG, die_with_parent
 from tests.helpers import git, prefect_client, set_params, wait_for
 from tests.servers import clone
 
-# A parent that starts a supervised group (a child that starts a grandchild), says their pids,
-# then waits to be killed.
+# A parent that starts a supervised tree (a child that starts a grandchild, and a daemon in a
+# session of its own, out of the group, as DVC's queue workers are), says their pids, then
+# waits to be killed.
 PARENT = """
 import subprocess, sys, time
 from pipeline.processes import die_with_parent
 tree = ("import subprocess, sys, time; g = subprocess.Popen(['sleep', '600']); "
-        "print(g.pid, flush=True); time.sleep(600)")
+        "d = subprocess.Popen(['sleep', '600'], start_new_session=True); "
+        "print(g.pid, d.pid, flush=True); time.sleep(600)")
 child = subprocess.Popen(die_with_parent([sys.executable, '-c', tree], group=True,
                                          cleanup=['touch', sys.argv[1]]), stdout=sys.stdout)
 print(child.pid, flush=True)
@@ -42,9 +45,10 @@ def test_a_supervised_group_dies_with_its_parent_and_its_cleanup_runs(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         supervisor = int(parent.stdout.readline())
-        grandchild = int(parent.stdout.readline())
+        grandchild, daemon = map(int, parent.stdout.readline().split())
         group = [supervisor, *(p.pid for p in psutil.Process(supervisor).children(True))]
-        assert grandchild in group and len(group) == 3  # supervisor, child, grandchild
+        assert {grandchild, daemon} < set(group) and len(group) == 4
+        assert os.getsid(daemon) == daemon != os.getsid(grandchild)
         parent.kill()  # SIGKILL: the parent runs no cleanup of its own
         start = time.monotonic()
         wait_for(lambda: not any(alive(pid) for pid in group), "the group's end", 10)
@@ -53,6 +57,22 @@ def test_a_supervised_group_dies_with_its_parent_and_its_cleanup_runs(tmp_path):
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_what_a_command_leaves_running_ends_with_it_and_its_status_is_kept():
+    # A daemon in a session of its own whose parent exits: it is orphaned, so only the
+    # supervisor, as the subreaper of the tree, can still find it.
+    command = ("import subprocess, sys; d = subprocess.Popen(['sleep', '600'], "
+               "start_new_session=True); print(d.pid, flush=True); sys.exit(3)")
+    proc = subprocess.run(die_with_parent([sys.executable, "-c", command], group=True),
+                          capture_output=True, text=True, timeout=30)
+    daemon = int(proc.stdout)
+    try:
+        assert proc.returncode == 3, proc.stderr
+        assert not alive(daemon)
+    finally:
+        if alive(daemon):
+            os.kill(daemon, 9)
 
 
 @pytest.mark.slow
