@@ -142,6 +142,8 @@ def _ingest(args: argparse.Namespace) -> int:
     print(batch.summary())
     if batch.commit:
         print(f"pushed as commit {batch.commit[:8]}; event fashionnet.data.ingested emitted")
+    elif args.push and not args.dry_run:
+        print("push: nothing to share, the remote has every batch")
     return EXIT_OK
 
 

@@ -13,9 +13,9 @@ A batch is read and converted as `fashionnet predict` converts users' images
 Accepted images become one immutable file, data/incoming/<id>.npz, tracked by DVC (`dvc add`),
 and a row of the manifest. The new data/incoming/ is made beside the old and swapped in with
 one atomic rename, so a failed or killed ingest leaves data/incoming/ exactly as it was.
-``push`` then does what a DVC user does by hand (`git commit`, `dvc push`, `git push`) and
-emits the Prefect event ``fashionnet.data.ingested``, which the retraining deployment's
-trigger waits for (prefect.yaml).
+``push`` then does what a DVC user does by hand (`git commit`, `dvc push`, `git push`) for
+every batch the remote lacks, and emits the Prefect event ``fashionnet.data.ingested``, which
+the retraining deployment's trigger waits for (prefect.yaml).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -49,7 +49,6 @@ from pipeline.params import Params, load_params
 from pipeline.workspace import workspace_lock
 
 log = logging.getLogger("fashionnet")
-EVENT = "fashionnet.data.ingested"
 SIGNIFICANCE = 1e-3  # a label check p-value below this refuses the batch
 
 
@@ -221,18 +220,17 @@ def ingest(paths_given: list[str | os.PathLike[str]], label: str | None = None,
             return batch
         if mislabelled:
             log.warning("--force: ingesting although %s", batch.check.describe())
-        if not batch.sorted.new:
+        if batch.sorted.new:
+            _write(batch)
+        else:
             log.info("nothing new: %d images already in the training data", len(
                 batch.sorted.repeated))
+        if not push:
             return batch
-        _write(batch)
-        commit = None
-        if push:
-            from pipeline.sharing import push_batch
+        from pipeline.sharing import share_incoming
 
-            commit = push_batch(batch.batch or "", len(batch.sorted.new), batch.sources)
-    return Batch(batch.read, batch.sorted, batch.check, batch.sources, batch.batch, commit,
-                 batch.problems)
+        # Also what an earlier ingest left unshared: run again, a failed push completes.
+        return replace(batch, commit=share_incoming())
 
 
 class BatchRefused(InputError):

@@ -9,10 +9,11 @@ deployment reacts to its own repository only. Its payload names the commit and t
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fashionnet.errors import ConfigError
-from pipeline import paths, workspace
+from pipeline import manifest, paths, workspace
 
 log = logging.getLogger("fashionnet")
 EVENT = "fashionnet.data.ingested"
@@ -44,21 +45,50 @@ def check_push() -> None:
                                     "PREFECT_API_AUTH_STRING)")
 
 
-def push_batch(batch: str, images: int, sources: list[str]) -> str:
-    """Commit data/incoming/ (the manifest and the batch's .dvc file), `dvc push` the batch,
-    `git push` the branch, and emit the event; the commit."""
+def _batches(text: str | None) -> list[str]:
+    return list(manifest.read_text(text)["batch"]) if text else []
+
+
+def _on_remote(remote: str, ref: str) -> list[str]:
+    """The batches the manifest of branch ``ref`` on git remote ``remote`` lists now."""
+    commit = workspace.remote_ref(remote, ref)
+    if commit is None:  # a branch not pushed yet
+        return []
+    workspace.git("fetch", "--quiet", remote, ref)
+    return _batches(workspace.show(commit, paths.MANIFEST))
+
+
+def share_incoming() -> str | None:
+    """Share every batch the remote branch lacks, as a DVC user would by hand: commit
+    data/incoming/ where it has changes, `dvc push` those batches, `git push` the branch, and
+    emit the event naming them. The commit pushed; None when every batch is there already.
+
+    Each step finds what an earlier, failed attempt left undone (a batch ingested without
+    --push, a push that broke off), so `fashionnet ingest --push` run again finishes it."""
     remote = workspace.git_remote() or "origin"
-    branch = workspace.current_branch()
-    workspace.git("add", str(paths.INCOMING_DIR))
-    shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
-    workspace.git("commit", "--quiet", "-m", f"Ingest batch {batch}: {images} images from "
-                  f"{shown}", "--", str(paths.INCOMING_DIR), env=workspace.committer_env())
+    ref = workspace.upstream_ref(workspace.current_branch())
+    pending = [b for b in manifest.read(paths.MANIFEST)["batch"]
+               if b not in _on_remote(remote, ref)]
+    if workspace.git("status", "--porcelain", "--", str(paths.INCOMING_DIR)).strip():
+        rows = manifest.read(paths.MANIFEST)
+        rows = rows[~rows["batch"].isin(_batches(workspace.show("HEAD", paths.MANIFEST)))]
+        sources = [source for listed in rows["sources"] for source in json.loads(listed)]
+        shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more"
+                                          if len(sources) > 3 else "")
+        workspace.git("add", str(paths.INCOMING_DIR))
+        workspace.git("commit", "--quiet", "-m",
+                      f"Ingest batch{'es' if len(rows) > 1 else ''} {', '.join(rows['batch'])}: "
+                      f"{rows['images'].sum()} images from {shown}",
+                      "--", str(paths.INCOMING_DIR), env=workspace.committer_env())
+    if not pending:
+        return None
     commit = workspace.head_commit()
-    workspace.dvc("push", str(paths.INCOMING_DIR / f"{batch}.npz.dvc"), log=False)
-    workspace.git("push", "--quiet", remote, f"{commit}:{workspace.upstream_ref(branch)}")
-    emit(commit, [batch], remote)
-    log.info("batch %s committed as %s, pushed to %s and the DVC remote", batch, commit[:8],
-             remote)
+    workspace.dvc("push", *(str(paths.INCOMING_DIR / f"{b}.npz.dvc") for b in pending),
+                  log=False)
+    workspace.git("push", "--quiet", remote, f"{commit}:{ref}")
+    emit(commit, pending, remote)
+    log.info("batch%s %s committed as %s, pushed to %s and the DVC remote",
+             "es" if len(pending) > 1 else "", ", ".join(pending), commit[:8], remote)
     return commit
 
 

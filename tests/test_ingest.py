@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,41 @@ def test_a_second_ingest_in_the_workspace_is_refused(ws, cli, official, project,
     assert code == 1 and "`fashionnet ingest` (pid " in err and "is running" in err
     assert state(ws) == before
 
+
+
+def test_a_push_that_broke_off_is_finished_by_the_next_ingest(ws, cli, official, project,
+                                                              tmp_path, prefect_harness,
+                                                              caplog):
+    origin, storage = tmp_path / "origin.git", tmp_path / "storage"
+    git(tmp_path, "init", "-q", "--bare", str(origin))
+    subprocess.run(["dvc", "remote", "add", "-d", "storage", str(storage)], cwd=ws, check=True)
+    git(ws, "commit", "-qam", "a DVC remote")
+    git(ws, "remote", "add", "origin", str(origin))
+    git(ws, "push", "-q", "-u", "origin", "HEAD")
+    unused = project[1]["unused"]
+    first = class_dirs(tmp_path / "first", official, unused[:5])
+    second = class_dirs(tmp_path / "second", official, unused[5:10])
+    assert cli(ws, "ingest", str(first))[0] == 0  # ingested, not shared
+    hook = origin / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho the remote is read-only today >&2\nexit 1\n")
+    hook.chmod(0o755)
+    code, _, err = cli(ws, "ingest", str(second), "--push")
+    assert code == 1 and "git push" in err and "failed to push some refs" in err, err
+    both = [row.split(",")[0] for row in batches(ws)]
+    assert len(both) == 2 and git(ws, "status", "--porcelain", "data/incoming") == ""
+
+    hook.unlink()
+    code, out, err = cli(ws, "ingest", str(second), "--push")
+    assert code == 0 and "add: nothing new" in out, out + err
+    # Both: the first was never shared.
+    assert f"batches {', '.join(both)} committed as" in caplog.text
+    head = git(ws, "rev-parse", "HEAD").strip()
+    assert f"pushed as commit {head[:8]}" in out
+    assert git(origin, "rev-parse", "HEAD").strip() == head
+    assert subprocess.run(["dvc", "status", "--cloud", "--json", *(
+        f"{paths.INCOMING_DIR}/{b}.npz.dvc" for b in both)], cwd=ws, capture_output=True,
+        text=True, check=True).stdout.strip() == "{}"  # the DVC remote has both
+
+    code, out, _ = cli(ws, "ingest", str(second), "--push")
+    assert code == 0 and "push: nothing to share, the remote has every batch" in out
+    assert git(ws, "rev-parse", "HEAD").strip() == head
