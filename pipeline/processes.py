@@ -87,9 +87,9 @@ def stage_tags() -> list[str]:
 
 def cancel_children(parent: str) -> list[str]:
     """Set Cancelled every flow run that flow run ``parent`` started (by the stage tags) and
-    that did not end: a killed `dvc exp run` takes its stages down mid-run, and their own
-    flow runs would stay Running, or end Crashed, though nothing went wrong in them. Their
-    names."""
+    that is still running or ended Crashed: a killed `dvc exp run` takes its stages down
+    mid-run, and their own flow runs would stay Running, or end Crashed, though nothing went
+    wrong in them. Their names."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.states import Cancelled
@@ -98,7 +98,8 @@ def cancel_children(parent: str) -> list[str]:
     with get_client(sync_client=True) as client:
         for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 tags=FlowRunFilterTags(all_=[f"{PARENT_TAG}{parent}"]))):
-            if run.state is None or not run.state.is_completed():
+            state = run.state  # a Failed run failed on its own: that stays on record
+            if state is None or not state.is_final() or state.is_crashed():
                 client.set_flow_run_state(run.id, Cancelled(
                     message=f"its parent flow run {parent} was cancelled or killed"), force=True)
                 done.append(run.name)
