@@ -2,8 +2,8 @@
 exactly as `fashionnet predict` finds and converts it (fashionnet.reading), each with its label.
 
 Where a label comes from, in order:
-- ``labels`` (a CSV of ``file,label`` rows, files relative to the CSV's folder): every image file
-  found must have a row;
+- ``labels`` (a CSV of ``file,label`` rows, files relative to the CSV's folder, links
+  followed): every image file found must have a row;
 - ``label``: one class for every image given;
 - an .npz's own ``labels`` array, or an IDX label file given right after its image file;
 - a directory's class subdirectories, named by class index (``0``-``9``) or slug
@@ -30,6 +30,7 @@ from fashionnet.incoming import class_index
 from fashionnet.reading import Source, find_images, read_images
 
 MAX_BATCH = 200_000  # images in one batch: 157 MB held while it is checked and written
+MAX_CSV_BYTES = 64 * 2**20  # a labels CSV: MAX_BATCH rows of paths up to 300 characters
 _IDX1_MAGIC = b"\x00\x00\x08\x01"  # unsigned bytes, 1 dimension: an IDX label file
 
 
@@ -73,10 +74,15 @@ def _magic(path: str) -> bytes:
 
 
 def _read_csv(path: Path, refusals: Refusals) -> dict[str, int]:
-    """{resolved file path: label} from a file,label CSV."""
+    """{real file path: label} from a file,label CSV (a file named twice must have one label)."""
     found: dict[str, int] = {}
+    lines: dict[str, int] = {}
     try:
         with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size > MAX_CSV_BYTES:
+                refusals.add(path, f"is over {MAX_CSV_BYTES // 2**20} MiB: more rows than a "
+                                   f"batch of {MAX_BATCH:,} images needs")
+                return found
             rows = list(csv.reader(f.read().decode("utf-8").splitlines()))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         refusals.add(path, f"cannot be read as a file,label CSV ({type(e).__name__})")
@@ -94,7 +100,12 @@ def _read_csv(path: Path, refusals: Refusals) -> dict[str, int]:
         if label is None:
             refusals.add(path, f"line {number}: unknown class {row[1].strip()!r}")
             continue
-        found[os.path.normpath(path.parent / row[0].strip())] = label
+        file = os.path.realpath(path.parent / row[0].strip())
+        if found.get(file, label) != label:
+            refusals.add(path, f"line {number}: {row[0].strip()} is labelled "
+                               f"{row[1].strip()!r} here and otherwise on line {lines[file]}")
+            continue
+        found[file], lines[file] = label, lines.get(file, number)
     return found
 
 
@@ -109,10 +120,10 @@ def _label_sources(paths: list[str], label: int | None, table: dict[str, int] | 
             files = find_images([path], refusals.errors)
             if table is not None:
                 for file in files:
-                    if os.path.normpath(file) not in table:
+                    if (row := table.get(os.path.realpath(file))) is None:
                         refusals.add(file, "has no row in the labels CSV")
-                groups += [([f], table[os.path.normpath(f)]) for f in files
-                           if os.path.normpath(f) in table]
+                    else:
+                        groups.append(([file], row))
             elif label is not None:
                 groups.append((files, label))
             else:
@@ -134,7 +145,7 @@ def _label_sources(paths: list[str], label: int | None, table: dict[str, int] | 
     return groups + ([(own, None)] if own else [])
 
 
-def read_labelled(paths: list[str | os.PathLike[str]], label: str | None = None,
+def read_labelled_images(paths: list[str | os.PathLike[str]], label: str | None = None,
                   labels: str | os.PathLike[str] | None = None) -> Labelled:
     """The labelled images under ``paths`` (see the module's docstring), converted. DataError
     naming the first problem and counting the others: a missing, unreadable or non-image

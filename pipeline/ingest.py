@@ -43,7 +43,7 @@ from fashionnet.incoming import (
     save_batch,
     sort_batch,
 )
-from fashionnet.labelled import Labelled, read_labelled
+from fashionnet.labelled import Labelled, read_labelled_images
 from pipeline import manifest, paths
 from pipeline.params import Params, load_params
 from pipeline.workspace import workspace_lock
@@ -164,7 +164,7 @@ def examine(paths_given: list[str | os.PathLike[str]], label: str | None = None,
     """Read and check a batch, writing nothing. Files that cannot be read, unknown classes and
     an empty batch raise DataError; what the batch would be refused for is in ``problems``."""
     params = params or load_params()
-    read = read_labelled(list(paths_given), label, labels)
+    read = read_labelled_images(list(paths_given), label, labels)
     yardsticks = {name: keys(load_split(paths.PREPARED[split]).images.numpy())
                   for name, split in (("validation", "val"), ("test", "test"))}
     found = sort_batch(read.images, read.labels, _known(params), yardsticks)

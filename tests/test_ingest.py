@@ -190,6 +190,23 @@ def test_a_batch_without_classes_or_images_is_refused(ws, cli, official, tmp_pat
     assert refused(cli, ws, str(source)).startswith(f"fashionnet ingest: error: {expected}")
 
 
+def test_a_labels_csv_follows_links_and_refuses_a_file_labelled_twice(ws, cli, official,
+                                                                      project, tmp_path):
+    full = official[0]
+    i = project[1]["unused"][0]
+    png(tmp_path / "photos" / "a.png", full.images[i].numpy())
+    (tmp_path / "linked").symlink_to(tmp_path / "photos")
+    table = tmp_path / "labels.csv"
+    table.write_text(f"file,label\nlinked/a.png,{SLUGS[int(full.labels[i])]}\n"
+                     "photos/../photos/a.png,sandal\n")
+    assert refused(cli, ws, str(tmp_path / "photos"), "--labels", str(table)) == (
+        f"fashionnet ingest: error: {table}: line 3: photos/../photos/a.png is labelled "
+        "'sandal' here and otherwise on line 2")
+    table.write_text(f"linked/a.png,{int(full.labels[i])}\n")  # the file given by its own path
+    code, out, err = cli(ws, "ingest", str(tmp_path / "photos"), "--labels", str(table))
+    assert code == 0 and "add: 1 images" in out, out + err
+
+
 def test_leaked_and_conflicting_images_are_refused(ws, cli, official, project, tmp_path):
     full, test = official
     val_image = full.images[project[1]["val"][5]].numpy()
