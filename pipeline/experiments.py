@@ -140,13 +140,22 @@ def finished(baseline: str) -> dict[str, dict[str, Any]]:
 
 
 def _differences(experiment: Experiment, row: Mapping[str, Any]) -> list[str]:
-    """The overrides that ``row`` (a `dvc exp show` row) does not hold."""
-    def held(key: str) -> Any:  # dvc.api.exp_show gives some values as text: 'True'
-        value = row.get(key)
-        return yaml.safe_load(value) if isinstance(value, str) else value
+    """The params ``row`` (a `dvc exp show` row) holds otherwise than params.yaml with the
+    experiment's overrides, validated, would: every key, so that an experiment run with an
+    override not asked for now differs too (keys the row lacks are not compared)."""
+    def same(held: Any, value: Any) -> bool:  # dvc.api.exp_show gives some values as text
+        if held == value or not isinstance(held, str):
+            return held == value
+        try:
+            return yaml.safe_load(held) == value  # 'True', '[a, b]'
+        except yaml.YAMLError:
+            return False
 
-    return [f"{key}={held(key)!r}, not {value!r}"
-            for key, value in validated(experiment.overrides).items() if held(key) != value]
+    values = load_params(overrides=experiment.overrides).model_dump(mode="json")
+    expected = {f"{section}.{key}": value for section, keys in values.items()
+                for key, value in keys.items()}
+    return [f"{key}={row[key]!r}, not {value!r}" for key, value in expected.items()
+            if key in row and not same(row[key], value)]
 
 
 def to_run(experiments: Sequence[Experiment], baseline: str,

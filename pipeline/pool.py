@@ -186,11 +186,15 @@ def cancel(runs: Mapping[str, UUID]) -> list[str]:
     return cancelled
 
 
-def run_on_pool(todo: Sequence[Experiment], pool: str, baseline: str) -> None:
-    """Each experiment not yet on the git remote run by a worker of ``pool``, then every one
-    pulled back (`dvc exp pull`). A run that does not complete fails the call, naming it."""
+def run_on_pool(wanted: Sequence[Experiment], pool: str, baseline: str) -> None:
+    """Each experiment finished neither here nor on the git remote run by a worker of
+    ``pool``, then those not here pulled back (`dvc exp pull`). A run that does not complete
+    fails the call, naming it; one finished here with other params, before anything runs."""
     logger = get_run_logger()
     url = check_shared(baseline)
+    todo = experiments.to_run(wanted, baseline)  # the same rule as on this machine
+    if not todo:
+        return
     done = experiments.remote_names(baseline, GIT_REMOTE)
     if shared := [e.name for e in todo if e.name in done]:
         logger.info("already on git remote %s: %s", GIT_REMOTE, ", ".join(shared))

@@ -36,3 +36,11 @@ def test_an_experiment_of_that_name_with_other_params_is_refused_naming_it(monke
     assert str(error.value) == (
         "experiment seed-7 exists on aaaaaaa with other params (train.seed=8, not 7): "
         "`dvc exp remove seed-7` to run it again")
+
+
+def test_an_experiment_run_with_an_override_not_asked_for_now_is_refused(monkeypatch):
+    monkeypatch.chdir(REPO)
+    done = {"seed-7": {"Experiment": "seed-7", "train.seed": 7, "train.epochs": 3}}
+    with pytest.raises(ExperimentConflict) as error:
+        experiments.to_run([Experiment("seed-7", {"train.seed": 7})], "a" * 40, done)
+    assert "(train.epochs=3, not 60)" in str(error.value)
