@@ -68,9 +68,8 @@ def blockers(run: Candidate, branch: str) -> list[str]:
 
 def register(commit: str, message: str) -> list[str]:
     """Register ``commit``'s model as the next minor version of dvc.yaml's artifact (the first
-    as FIRST_VERSION) and assign
-    it stage ``prod``, as `gto register` and `gto assign` do: two annotated tags, made here
-    only; their names."""
+    as FIRST_VERSION) and assign it stage ``prod``, as `gto register` and `gto assign` do: two
+    annotated tags, made here only; their names."""
     from gto.api import assign
     from gto.api import register as gto_register
 
@@ -90,27 +89,43 @@ def promote(run: Candidate, branch: str, message: str, remote: str | None) -> tu
     """One commit on ``branch`` whose tree is the experiment's, registered as the next version
     at stage prod, pushed to ``remote`` with its tags first; then the branch, index and
     workspace here. (The commit, its version tag.)"""
+    logger = get_run_logger()
     tree = git("rev-parse", f"{run.rev}^{{tree}}").strip()
     # commit-tree: the commit exists before any branch points at it, so a rejected push
     # changes nothing here, and its files are exactly what the experiment committed.
     commit = git("commit-tree", tree, "-p", run.baseline, "-m", message,
                  env=committer_env()).strip()
-    tags = register(commit, message)
-    logger = get_run_logger()
-    if remote:
-        target = upstream_ref(branch)
-        try:  # the commit and its registry tags, all or none; refused unless a fast-forward
-            git("push", "--atomic", remote, f"{commit}:{target}",
-                *(f"refs/tags/{tag}" for tag in tags))
-        except CommandFailed as e:
-            git("tag", "--delete", *tags)
-            raise RuntimeError(f"{remote} refused the promotion commit: {e}") from None
-        if remote_ref(remote, target) != commit:
-            raise RuntimeError(f"{remote} {target} is not at {commit[:8]} after the push")
-        logger.info("pushed %s and %s to %s %s", commit[:8], ", ".join(tags), remote, target)
-    git("reset", "--quiet", "--keep", commit)  # refuses to overwrite a local change
-    dvc("checkout")  # the model and data the new dvc.lock names, from DVC's cache
+    try:
+        tags = register(commit, message)
+        if remote:
+            _push(commit, tags, remote, upstream_ref(branch))
+    except BaseException:  # nothing was shared: no registry tags for a commit no branch has
+        if made := git("tag", "--points-at", commit).split():
+            git("tag", "--delete", *made)
+        raise
+    if remote and remote_ref(remote, upstream_ref(branch)) != commit:
+        raise RuntimeError(f"{remote} {upstream_ref(branch)} moved on from {commit[:8]} "
+                           "right after the push")
+    try:
+        git("reset", "--quiet", "--keep", commit)  # refuses to overwrite a local change
+        dvc("checkout")  # the model and data the new dvc.lock names, from DVC's cache
+    except CommandFailed as e:
+        where = f"pushed to {remote}" if remote else "made"
+        raise RuntimeError(f"the promotion commit {commit[:8]} is {where} with its tags, but "
+                           f"the branch here was not moved to it ({e}): `git reset --keep "
+                           f"{commit[:8]}` once the workspace is clean") from None
     version = next(tag for tag in tags if tag.startswith(f"{ARTIFACT}@"))
     logger.info("%s is now %s (%s, stage %s): %s", branch, commit[:8], version, STAGE,
                 message.splitlines()[0])
     return commit, version
+
+
+def _push(commit: str, tags: list[str], remote: str, target: str) -> None:
+    """The commit and its registry tags to ``remote``'s ``target``, all or none; refused
+    unless a fast-forward."""
+    try:
+        git("push", "--atomic", remote, f"{commit}:{target}", *(f"refs/tags/{t}" for t in tags))
+    except CommandFailed as e:
+        raise RuntimeError(f"{remote} refused the promotion commit: {e}") from None
+    get_run_logger().info("pushed %s and %s to %s %s", commit[:8], ", ".join(tags), remote,
+                          target)

@@ -183,3 +183,47 @@ def test_serve_listens_for_this_repositorys_ingest_events(repo_copy, monkeypatch
     assert trigger.expect == {EVENT}
     assert trigger.parameters == {"ingested": "{{ event.payload.commit }}"}
     assert (trigger.within.total_seconds(), trigger.schedule_after.total_seconds()) == (300, 300)
+
+
+def test_a_promotion_the_remote_refuses_leaves_no_tags_and_the_branch_where_it_was(
+        repo_copy, tmp_path, prefect_harness, monkeypatch):
+    from prefect import flow
+
+    from pipeline.promotion import promote
+
+    monkeypatch.chdir(repo_copy)
+    origin = tmp_path / "origin.git"
+    git(tmp_path, "init", "-q", "--bare", str(origin))
+    branch = git(repo_copy, "rev-parse", "--abbrev-ref", "HEAD").strip()
+    git(repo_copy, "push", "-q", str(origin), branch)
+    git(repo_copy, "remote", "add", "origin", str(origin))
+    baseline = git(repo_copy, "rev-parse", "HEAD").strip()
+    (repo_copy / "README.md").write_text("retrained\n")
+    git(repo_copy, "commit", "-qam", "the experiment's commit")
+    rev = git(repo_copy, "rev-parse", "HEAD").strip()
+    git(repo_copy, "reset", "-q", "--hard", baseline)
+    hook = origin / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\nexit 1\n")
+    hook.chmod(0o755)
+
+    @flow
+    def promotion() -> tuple[str, str]:
+        return promote(Candidate("retrain-x", rev, baseline), branch, "Retrain x", "origin")
+
+    with pytest.raises(RuntimeError, match="origin refused the promotion commit"):
+        promotion()
+    assert git(repo_copy, "tag") == ""  # registered, then unregistered: nothing was shared
+    assert git(repo_copy, "rev-parse", "HEAD").strip() == baseline
+    assert git(origin, "rev-parse", branch).strip() == baseline
+
+    # A failure between the two registry tags: the first one goes too.
+    hook.unlink()
+
+    def assign_fails(*_, **__):
+        raise RuntimeError("gto assign failed")
+
+    monkeypatch.setattr("gto.api.assign", assign_fails)
+    with pytest.raises(RuntimeError, match="gto assign failed"):
+        promotion()
+    assert git(repo_copy, "tag") == "" and git(origin, "tag") == ""
+    assert git(origin, "rev-parse", branch).strip() == baseline
