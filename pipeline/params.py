@@ -182,8 +182,11 @@ def load_params(path: str | os.PathLike[str] = PARAMS_FILE,
         if not section or not key or "." in key:
             raise ConfigError(f"override {cut(dotted)}",
                               "not a section.key name (e.g. train.seed)")
-        if not isinstance(raw.get(section), dict):
+        if section not in raw or raw[section] is None:
             raw[section] = {}
+        elif not isinstance(raw[section], dict):  # an override must not hide the file's error
+            raise ConfigError(f"{path}: {cut(section)}", "must be a mapping of keys, got "
+                                                         f"{excerpt(raw[section])}")
         raw[section][key] = value
     try:
         return Params.model_validate(raw)

@@ -183,3 +183,13 @@ def test_a_named_pipe_as_params_yaml_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "params.yaml")  # nothing will ever write to it
     with pytest.raises(ConfigError, match="not a regular file: a named pipe"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_an_override_does_not_hide_a_malformed_section(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: 3\n")
+    with pytest.raises(ConfigError) as error:
+        load_params(tmp_path / "params.yaml", {"train.seed": 7})
+    assert str(error.value) == (f"{tmp_path / 'params.yaml'}: train: must be a mapping of keys, "
+                                "got 3")
+    (tmp_path / "params.yaml").write_text("train:\n")  # empty: the override is all it holds
+    assert load_params(tmp_path / "params.yaml", {"train.seed": 7}).train.seed == 7
