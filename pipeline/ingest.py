@@ -106,6 +106,9 @@ class Batch:
                      "earlier batch with the same label")
         if self.check is not None:
             lines.append(f"label check: {self.check.describe()}")
+        elif self.sorted.new:
+            lines.append("label check: skipped, no model yet (models/fashionnet.pt and its "
+                         "metrics/metrics.json)")
         lines += [f"refuse: {problem}" for problem in
                   (self.problems if problems is None else problems)]
         return "\n".join(lines)

@@ -243,7 +243,8 @@ def test_shuffled_labels_are_refused_unless_forced(ws, cli, official, project, t
     np.savez(tmp_path / "true.npz", images=full.images[index].numpy(),
              labels=full.labels[index].numpy())
     code, out, err = cli(ws, "ingest", str(tmp_path / "true.npz"), "--dry-run")
-    assert code == 0 and "plausible (p = " in out, out + err
+    assert code == 0 and "disagreements plausible (p = " in out, out + err
+    assert "implausible" not in out
     code, out, err = cli(ws, "ingest", str(tmp_path / "shuffled.npz"), "--force")
     assert code == 0, out + err
     assert len(batches(ws)) == 1
@@ -259,6 +260,10 @@ def test_a_dry_run_reports_and_writes_nothing(ws, cli, official, project, tmp_pa
     assert out.splitlines()[-1].startswith(f"refuse: {leak}: is identical to a test image")
     code, out, _ = cli(ws, "ingest", str(source), "--dry-run")
     assert code == 0 and state(ws) == before and "add: 5 images" in out
+    assert "label check: the current model disagrees with" in out
+    (ws / paths.MODEL).unlink()  # a project that has not trained yet: no check, and it says so
+    code, out, _ = cli(ws, "ingest", str(source), "--dry-run")
+    assert code == 0 and "label check: skipped, no model yet" in out
 
 
 def test_a_failure_while_writing_leaves_data_incoming_as_it_was(ws, cli, official, project,
