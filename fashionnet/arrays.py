@@ -87,7 +87,13 @@ def _read_npy_header(member: BinaryIO, path: Path, name: str) -> _Npy:
 
 def _check_member_size(path: Path, name: str, npy: _Npy, info: zipfile.ZipInfo,
                        archive_bytes: int) -> None:
-    """Refuse a header whose array the member or the archive cannot hold."""
+    """Refuse a header whose array the member or the archive cannot hold, and a member
+    compressed otherwise than np.savez and np.savez_compressed write (bzip2 and LZMA expand
+    far more than deflate, with no bound worth checking against)."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise DataError(path, f"'{_key(name)}' is compressed with zip method "
+                              f"{info.compress_type}: only stored and deflated members (as "
+                              "np.savez and np.savez_compressed write) are read")
     held = info.file_size - npy.offset
     if held < npy.nbytes:
         raise DataError(path, f"'{_key(name)}' claims {npy.shape} ({npy.nbytes:,} bytes), but "

@@ -191,6 +191,18 @@ def test_an_npz_directory_claiming_more_than_the_file_is_refused(tmp_path, compr
         in str(error)
 
 
+def test_an_npz_member_compressed_otherwise_than_numpy_writes_is_refused(tmp_path):
+    path = tmp_path / "bzip2.npz"
+    member = io.BytesIO()
+    np.save(member, np.zeros((2, 28, 28), np.uint8))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_BZIP2) as archive:
+        archive.writestr("images.npy", member.getvalue())
+    assert np.load(path)["images"].shape == (2, 28, 28)  # numpy itself would read it
+    with pytest.raises(DataError, match="'images' is compressed with zip method 12: only "
+                                        "stored and deflated"):
+        npz_images(path)
+
+
 def test_npz_arrays_read_in_chunks_and_whole(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2500, 28, 28), dtype=np.uint8)
