@@ -27,11 +27,10 @@ from fashionnet.data import IMAGE_SIZE
 from fashionnet.errors import DataError
 from fashionnet.idx import open_regular, read_labels
 from fashionnet.incoming import class_index
-from fashionnet.reading import Source, find_images, read_images
+from fashionnet.reading import IDX1_MAGIC, ZIP_MAGIC, Source, find_images, read_images
 
 MAX_BATCH = 200_000  # images in one batch: 157 MB held while it is checked and written
 MAX_CSV_BYTES = 64 * 2**20  # a labels CSV: MAX_BATCH rows of paths up to 300 characters
-_IDX1_MAGIC = b"\x00\x00\x08\x01"  # unsigned bytes, 1 dimension: an IDX label file
 
 
 @dataclass(frozen=True)
@@ -164,10 +163,10 @@ def read_labelled_images(paths: list[str | os.PathLike[str]], label: str | None 
         while pending:
             file = pending.pop(0)
             magic = _magic(file)
-            if magic == _IDX1_MAGIC:
+            if magic == IDX1_MAGIC:
                 refusals.add(file, "is an IDX label file without an IDX image file before it")
                 continue
-            pair = pending[0] if pending and _magic(pending[0]) == _IDX1_MAGIC else None
+            pair = pending[0] if pending and _magic(pending[0]) == IDX1_MAGIC else None
             if pair is not None:
                 pending.pop(0)
             own = _own_labels(file, pair, refusals) if group_label is None else None
@@ -211,7 +210,7 @@ def _own_labels(file: str, pair: str | None, refusals: Refusals) -> np.ndarray |
                                    f"{file}")
                 return None
             return own
-        if file.lower().endswith(".npz") or _magic(file) == b"PK\x03\x04":
+        if file.lower().endswith(".npz") or _magic(file) == ZIP_MAGIC:
             return npz_labels(file, npz_images(file).count)
     except DataError as e:
         refusals.errors.append(e)

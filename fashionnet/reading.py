@@ -29,8 +29,9 @@ from fashionnet.idx import open_data, open_regular
 # Formats Pillow identifies but cannot decode here (stubs, video, EPS without Ghostscript):
 # a directory's files in these are not taken for images.
 _UNDECODABLE = {"BUFR", "GRIB", "HDF5", "MPEG", "WMF", "EPS"}
-_IDX3_MAGIC = b"\x00\x00\x08\x03"  # unsigned bytes, 3 dimensions: an IDX image file
-_ZIP_MAGIC = b"PK\x03\x04"  # .npz files are zip archives
+IDX3_MAGIC = b"\x00\x00\x08\x03"  # unsigned bytes, 3 dimensions: an IDX image file
+IDX1_MAGIC = b"\x00\x00\x08\x01"  # unsigned bytes, 1 dimension: an IDX label file
+ZIP_MAGIC = b"PK\x03\x04"  # .npz files are zip archives
 FILES_PER_TASK = 256  # files per decoding task: a task per file would cost more than a decode
 
 
@@ -163,9 +164,9 @@ def _open(path: str, invert: Invert, max_pixels: int
     28x28, to be negated with others), or an .npz or IDX file's images to stream; DataError."""
     with open_data(path) as f:  # opened once: a second open costs as much as a 28x28 decode
         magic = f.read(4)
-        if magic == _IDX3_MAGIC:
+        if magic == IDX3_MAGIC:
             return idx_images(path)
-        if magic == _ZIP_MAGIC or path.lower().endswith(".npz"):
+        if magic == ZIP_MAGIC or path.lower().endswith(".npz"):
             return npz_images(path)
         f.seek(0)
         try:

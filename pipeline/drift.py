@@ -19,7 +19,7 @@ from fashionnet.data import LabeledImages
 from fashionnet.evaluate import evaluate
 from fashionnet.model import FashionNet
 from pipeline import manifest, paths
-from pipeline.workspace import show
+from pipeline.workspace import read, show
 
 
 @dataclass(frozen=True)
@@ -31,18 +31,12 @@ class Drift:
     accuracy: float | None  # None without new images
 
 
-def _read(path: str, rev: str) -> bytes:
-    import dvc.api
-
-    return dvc.api.read(path, rev=rev, mode="rb")
-
-
 def trained_batches(rev: str) -> set[str]:
     """The incoming batches the model at ``rev`` trained on."""
     from dvc.exceptions import PathMissingError
 
     try:
-        with np.load(io.BytesIO(_read(str(paths.INCOMING_HOLDOUT), rev))) as z:
+        with np.load(io.BytesIO(read(paths.INCOMING_HOLDOUT, rev, "rb"))) as z:
             return set(z["batches"].tolist())
     except PathMissingError:  # no incoming data when that model was trained
         return set()
@@ -64,12 +58,12 @@ def measure(rev: str) -> Drift:
         return Drift([], 0, None)
     images, labels = [], []
     for batch in batches:
-        with np.load(io.BytesIO(_read(f"{paths.INCOMING_DIR}/{batch}.npz", rev))) as z:
+        with np.load(io.BytesIO(read(paths.INCOMING_DIR / f"{batch}.npz", rev, "rb"))) as z:
             images.append(z["images"])
             labels.append(z["labels"])
     data = LabeledImages(torch.from_numpy(np.concatenate(images)),
                          torch.from_numpy(np.concatenate(labels).astype(np.int64)))
     model = FashionNet()
-    model.load_state_dict(torch.load(io.BytesIO(_read(str(paths.MODEL), rev)),
+    model.load_state_dict(torch.load(io.BytesIO(read(paths.MODEL, rev, "rb")),
                                      map_location="cpu", weights_only=True))
     return Drift(batches, len(data), evaluate(model, data).accuracy)

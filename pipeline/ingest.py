@@ -114,7 +114,7 @@ class Batch:
         return "\n".join(lines)
 
 
-def _known(params: Params) -> dict[bytes, int]:
+def _known() -> dict[bytes, int]:
     """Key -> label of every image in the training data: the current training split (as the
     split stage last wrote it) and every batch of the manifest."""
     train = load_split(paths.PREPARED["train"])
@@ -170,7 +170,7 @@ def examine(paths_given: list[str | os.PathLike[str]], label: str | None = None,
     read = read_labelled_images(list(paths_given), label, labels)
     yardsticks = {name: keys(load_split(paths.PREPARED[split]).images.numpy())
                   for name, split in (("validation", "val"), ("test", "test"))}
-    found = sort_batch(read.images, read.labels, _known(params), yardsticks)
+    found = sort_batch(read.images, read.labels, _known(), yardsticks)
     check = _label_check(read.images[found.new], read.labels[found.new], params)
     problems = _problems(read, found)
     new = found.new

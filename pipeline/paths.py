@@ -18,6 +18,7 @@ PREPARED = {name: PREPARED_DIR / f"{name}.npz" for name in SPLITS}
 INCOMING_HOLDOUT = PREPARED_DIR / "incoming.npz"
 
 MODEL = Path("models/fashionnet.pt")
+ARTIFACT = "fashionnet"  # dvc.yaml's `artifacts:` entry for MODEL: the registry's name
 TRAIN_INFO = Path("models/train_info.json")
 # The train stage's state after each epoch, to resume an interrupted run. Neither a DVC out
 # (DVC would delete it before rerunning the stage, the moment it is needed) nor in git.

@@ -32,7 +32,6 @@ from fashionnet.prediction import Predictions, classify, load_model
 from fashionnet.reading import Source, find_images, read_images
 from fashionnet.runtime import resolve_precision
 
-FORMATS = ("table", "csv", "json")
 PROGRESS_FILES = 2000  # a progress bar (on a terminal) when there are more files than this
 SPOOL_BYTES = 1 << 20  # rows are held in memory up to this size, then in a temporary file
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pipeline import paths
 from pipeline.workspace import (
     CommandFailed,
     committer_env,
@@ -23,7 +24,6 @@ from pipeline.workspace import (
     upstream_ref,
 )
 
-ARTIFACT = "fashionnet"  # dvc.yaml's `artifacts:` entry: models/fashionnet.pt
 STAGE = "prod"  # the registry stage a promotion assigns: what `predict --model prod` uses
 FIRST_VERSION = "v1.0.0"  # the first promotion's; each one after it the next minor version
 
@@ -77,10 +77,10 @@ def register(commit: str, message: str) -> list[str]:
     author = {"author": who.get("GIT_COMMITTER_NAME"),
               "author_email": who.get("GIT_COMMITTER_EMAIL")}
     subject = message.splitlines()[0]
-    first = not git("tag", "--list", f"{ARTIFACT}@v*").strip()
-    gto_register(".", ARTIFACT, ref=commit, version=FIRST_VERSION if first else None,
+    first = not git("tag", "--list", f"{paths.ARTIFACT}@v*").strip()
+    gto_register(".", paths.ARTIFACT, ref=commit, version=FIRST_VERSION if first else None,
                  bump_minor=not first, message=subject, **author)
-    assign(".", ARTIFACT, STAGE, ref=commit, message=subject, **author)
+    assign(".", paths.ARTIFACT, STAGE, ref=commit, message=subject, **author)
     return git("tag", "--points-at", commit).split()
 
 
@@ -114,7 +114,7 @@ def promote(run: Candidate, branch: str, message: str, remote: str | None) -> tu
         raise RuntimeError(f"the promotion commit {commit[:8]} is {where} with its tags, but "
                            f"the branch here was not moved to it ({e}): `git reset --keep "
                            f"{commit[:8]}` once the workspace is clean") from None
-    version = next(tag for tag in tags if tag.startswith(f"{ARTIFACT}@"))
+    version = next(tag for tag in tags if tag.startswith(f"{paths.ARTIFACT}@"))
     logger.info("%s is now %s (%s, stage %s): %s", branch, commit[:8], version, STAGE,
                 message.splitlines()[0])
     return commit, version

@@ -17,9 +17,8 @@ from pathlib import Path
 from fashionnet.errors import DataError, InputError
 from pipeline import paths
 
-ARTIFACT = "fashionnet"  # dvc.yaml's `artifacts:` entry
 CACHE = Path(".dvc/tmp/fashionnet-models")  # fetched versions, by md5: ignored by git and DVC
-_VERSION = re.compile(rf"(?:{ARTIFACT}@)?(v\d+\.\d+\.\d+)")
+_VERSION = re.compile(rf"(?:{paths.ARTIFACT}@)?(v\d+\.\d+\.\d+)")
 _STAGE = re.compile(r"[a-z][a-z0-9_-]*")
 
 
@@ -45,12 +44,12 @@ def resolve(spec: str) -> Model:
 
     try:
         with Repo(".") as repo:
-            rev = repo.artifacts.get_rev(ARTIFACT, version=version and version[1],
+            rev = repo.artifacts.get_rev(paths.ARTIFACT, version=version and version[1],
                                          stage=None if version else spec)
     except (DvcException, SCMError) as e:
         what = f"version {version[1]}" if version else f"no version at stage {spec!r}"
-        raise InputError(f"--model {spec}: {what} of {ARTIFACT} in this repository's registry "
-                         f"(`gto show` lists it): {str(e).splitlines()[0]}") from None
+        raise InputError(f"--model {spec}: {what} of {paths.ARTIFACT} in this repository's "
+                         f"registry (`gto show` lists it): {str(e).splitlines()[0]}") from None
     data = _read(rev, spec)
     md5 = hashlib.md5(data).hexdigest()
     target = CACHE / f"{md5}.pt"
@@ -58,7 +57,7 @@ def resolve(spec: str) -> Model:
         from fashionnet.files import write_bytes
 
         write_bytes(target, data)
-    label = f"{ARTIFACT}@{version[1]}" if version else f"stage {spec}"
+    label = f"{paths.ARTIFACT}@{version[1]}" if version else f"stage {spec}"
     return Model(target, f"{label} ({paths.MODEL} at {rev[:8]}, md5 {md5})")
 
 

@@ -179,11 +179,12 @@ def show(rev: str, path: str | os.PathLike[str]) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def read(path: str | os.PathLike[str], rev: str) -> str:
-    """The text of ``path`` at commit ``rev``, a DVC-tracked output (from DVC's cache) or not."""
+def read(path: str | os.PathLike[str], rev: str, mode: str = "r") -> Any:
+    """``path`` at commit ``rev``, a DVC-tracked output (from DVC's cache or its remote) or
+    not: text, or bytes with ``mode="rb"``."""
     import dvc.api
 
-    return dvc.api.read(str(path), rev=rev)
+    return dvc.api.read(str(path), rev=rev, mode=mode)
 
 
 def exp_show(baseline: str) -> list[dict[str, Any]]:
