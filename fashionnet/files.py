@@ -92,7 +92,8 @@ def exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
 def replaced_directory(path: str | os.PathLike[str], shared: str = "*.npz") -> Iterator[Path]:
     """Yield a copy of directory ``path`` beside it to change; on success the copy takes its
     place in one atomic exchange. On any error, or a kill before the exchange, ``path`` is as
-    it was (a copy a killed process left behind is removed by the next call).
+    it was (a copy a killed process left behind is removed by the next call; so is a kill
+    between the renames of exchange()'s fallback, by putting the old directory back).
 
     Files matching ``shared`` (immutable ones: they are never changed in place) are hard links
     in the copy, so they cost nothing; the others are copied, since a change to a link would
@@ -101,6 +102,10 @@ def replaced_directory(path: str | os.PathLike[str], shared: str = "*.npz") -> I
     path = Path(path)
     stage = path.with_name(f"{path.name}.new")
     shutil.rmtree(stage, ignore_errors=True)
+    aside = path.with_name(f"{path.name}.swap")  # exchange()'s fallback, killed half-way
+    if aside.is_dir() and not path.exists():
+        os.rename(aside, path)  # the old one, taken aside: back in its place
+    shutil.rmtree(aside, ignore_errors=True)  # else the old one after the new one went in
 
     def link_or_copy(source: str, target: str) -> None:
         if Path(source).match(shared):

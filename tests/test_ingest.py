@@ -282,6 +282,19 @@ def test_a_failure_while_writing_leaves_data_incoming_as_it_was(ws, cli, officia
     assert state(ws) == before
 
 
+def test_a_kill_between_the_fallback_renames_is_repaired_by_the_next_ingest(ws, cli, official,
+                                                                          project, tmp_path):
+    incoming = ws / paths.INCOMING_DIR
+    # Where renameat2 is missing, the swap is three renames; killed after the first, the old
+    # data/incoming/ is only there under its aside name.
+    incoming.rename(incoming.with_name("incoming.swap"))
+    source = class_dirs(tmp_path / "in", official, project[1]["unused"][:5])
+    code, out, err = cli(ws, "ingest", str(source))
+    assert code == 0, out + err
+    assert sorted(p.name for p in (ws / "data").iterdir()) == ["incoming", "prepared"]
+    assert len(batches(ws)) == 1
+
+
 def test_a_second_ingest_in_the_workspace_is_refused(ws, cli, official, project, tmp_path,
                                                      monkeypatch):
     source = class_dirs(tmp_path / "in", official, project[1]["unused"][:5])

@@ -23,7 +23,7 @@ def test_repository_params_are_valid_and_hold_the_contract_keys():
     }
     for section, keys in contract.items():
         assert keys <= set(raw[section]), section
-    # The seed's recipe.
+    # The reference recipe.
     t = params.train
     assert (t.epochs, t.lr, t.weight_decay, t.amsgrad, t.step_size, t.gamma) == (
         60, 0.003, 1e-5, True, 25, 0.1)

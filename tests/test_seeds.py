@@ -164,7 +164,7 @@ def test_seeds_with_a_recipe_records_its_runs_apart_and_applies_nothing(tmp_path
     assert params["train"]["seed"] == 7 and params["evaluate"]["tta"] is True
     assert {k: params["train"][k] for k in ("flip", "translate", "ema", "bn_recalibrate")} == {
         "flip": "alternate", "translate": 1, "ema": 0.9, "bn_recalibrate": True}
-    # Nothing applied: the workspace keeps params.yaml's recipe and the seed recipe's table.
+    # Nothing applied: the workspace keeps params.yaml's recipe and the reference recipe's table.
     for name, content in before.items():
         assert (repo / name).read_bytes() == content, name
     assert not (repo / "dvc.lock").exists()
