@@ -5,6 +5,7 @@ predictions."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import shutil
@@ -21,9 +22,10 @@ from torch.nn import functional as F
 
 from fashionnet import CLASSES, FashionNet
 from fashionnet.idx import TEST_LABELS, read_labels
+from fashionnet.incoming import SLUGS, save_batch
 from fashionnet.recipe import TrainConfig
 from fashionnet.split import SplitConfig
-from pipeline import paths
+from pipeline import manifest, paths
 from pipeline import train as train_module
 from pipeline.evaluate import evaluate_flow
 from pipeline.params import Params
@@ -35,6 +37,10 @@ from pipeline.train import PROGRESS_KEY, train_flow
 # per-class table (precision, recall, f1-score, support).
 REFERENCE_ACCURACY = {"train": 0.9222, "val": 0.8935, "test": 0.9030}
 REFERENCE_SHIRT = (0.76, 0.70, 0.73, 406)
+
+
+PARAMS = Params(split=SplitConfig(val_size=1000, limit=600, seed=1),
+                train=TrainConfig(epochs=2, batch_size=100, device="cpu", precision="float32"))
 
 
 class Epoch(NamedTuple):
@@ -60,9 +66,7 @@ def ran(prefect_harness, raw_dir: Path, tmp_path_factory: pytest.TempPathFactory
     rounding (auto would be bfloat16 on CPUs with it natively: tests/test_evaluate.py)."""
     work = tmp_path_factory.mktemp("flows")
     shutil.copytree(raw_dir, work / paths.RAW_DIR)
-    params = Params(split=SplitConfig(val_size=1000, limit=600, seed=1),
-                    train=TrainConfig(epochs=2, batch_size=100, device="cpu",
-                                      precision="float32"))
+    params = PARAMS
     live: list[Epoch] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
@@ -152,6 +156,53 @@ def test_metrics_agree_with_an_independent_recomputation(ran: Ran, raw_dir: Path
     for row in report.to_dict("records"):
         for column in ("precision", "recall", "f1-score", "support"):
             assert row[column] == pytest.approx(expected[row["class"]][column], rel=1e-12)
+
+
+def test_incoming_batches_join_training_less_a_held_out_share_evaluate_reports(
+        ran: Ran, official, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    shutil.copytree(ran.work, work)
+    monkeypatch.chdir(work)
+    before = {name: (work / paths.PREPARED[name]).read_bytes() for name in ("train", "val",
+                                                                           "test")}
+    full = official[0]
+    used = np.concatenate([np.load(paths.PREPARED[n])["index"] for n in ("train", "val")])
+    fresh = np.setdiff1d(np.arange(len(full)), used)[:200]
+    rows = manifest.read(paths.MANIFEST)
+    batches = []
+    for part in (fresh[:120], fresh[120:]):
+        file = save_batch(paths.INCOMING_DIR, full.images[part].numpy(),
+                          full.labels[part].numpy())
+        batches.append(file.stem)
+        rows = manifest.append(rows, manifest.Row(file.stem, "2026-12-03T00:00:00+00:00", {
+            slug: int((full.labels[part] == c).sum()) for c, slug in enumerate(SLUGS)}, 0,
+            ["test"]))
+    (work / paths.MANIFEST).write_text(manifest.write(rows))
+
+    sizes = split_flow(PARAMS)
+    assert sizes == {"train": 600 + 108 + 72, "val": 1000, "test": 10_000, "incoming": 12 + 8}
+    assert all((work / paths.PREPARED[n]).read_bytes() == before[n] for n in ("val", "test"))
+    train, held = np.load(paths.PREPARED["train"]), np.load(paths.INCOMING_HOLDOUT)
+    assert train["batches"].tolist() == held["batches"].tolist() == batches
+    with np.load(io.BytesIO(before["train"])) as official_part:  # unchanged, first
+        assert np.array_equal(train["images"][:600], official_part["images"])
+    assert train["source"].tolist() == [-1] * 600 + [0] * 108 + [1] * 72
+    assert held["source"].tolist() == [0] * 12 + [1] * 8
+    for k, part in enumerate((fresh[:120], fresh[120:])):  # each image in one place only
+        mine = np.concatenate([train["index"][train["source"] == k],
+                               held["index"][held["source"] == k]])
+        assert sorted(mine.tolist()) == list(range(len(part)))
+    split_flow(PARAMS)  # deterministic: the same hold-out again
+    assert np.array_equal(np.load(paths.INCOMING_HOLDOUT)["index"], held["index"])
+
+    accuracy = evaluate_flow(PARAMS)
+    model = FashionNet()
+    model.load_state_dict(torch.load(paths.MODEL, weights_only=True))
+    predicted = stock_logits(model, held["images"]).argmax(1).numpy()
+    assert accuracy["incoming"] == pytest.approx((predicted == held["labels"]).mean(), abs=0.051)
+    table = pd.read_csv(paths.ACCURACY)
+    assert table["split"].tolist() == ["train", "val", "test", "incoming"]
+    assert json.loads(Path(paths.METRICS_JSON).read_text())["loss"]["incoming"] > 0
 
 
 def table_row(*cells: object) -> str:
