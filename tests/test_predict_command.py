@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -204,3 +205,19 @@ def test_predict_on_10000_pngs_agrees_with_fashionnet_evaluate(cli, repo_copy, c
     # Each change is to float32's runner-up, within a few points of probability of the top.
     assert (bf16["class"][differ] == f32["class_2"][differ]).all()
     assert ((f32["probability"] - f32["probability_2"])[differ] < 0.05).all()
+
+
+def test_model_names_the_registry_cannot_resolve_exit_2_naming_them(repo_copy, cli, test_pngs):
+    png = test_pngs / "00000.png"
+    code, _, err = cli(repo_copy, "predict", png, "--model", "prod")
+    assert code == 2 and err.startswith(
+        "fashionnet predict: error: --model prod: no version at stage 'prod' of fashionnet in "
+        "this repository's registry (`gto show` lists it)"), err
+    subprocess.run(["gto", "register", "fashionnet", "HEAD", "--version", "v1.0.0"],
+                   cwd=repo_copy, check=True, capture_output=True)
+    code, _, err = cli(repo_copy, "predict", png, "--model", "v2.0.0")
+    assert code == 2 and "--model v2.0.0: version v2.0.0 of fashionnet" in err, err
+    # Registered, but its commit's model is in no cache and on no remote here.
+    code, _, err = cli(repo_copy, "predict", png, "--model", "fashionnet@v1.0.0")
+    assert code == 2 and "of --model fashionnet@v1.0.0 (" in err, err
+    assert "is neither in the DVC cache nor on the DVC remote" in err
