@@ -47,6 +47,7 @@ from pipeline.workspace import (
     head_commit,
     remote_url,
     show,
+    uncommitted_changes,
     unshallow,
     workspace_lock,
 )
@@ -115,13 +116,31 @@ def _started(ingested: str | None) -> tuple[datetime, str]:
     return run.expected_start_time, "scheduled" if run.auto_scheduled else why
 
 
-def _check_ingested(commit: str) -> None:
-    """The commit an ingest event names must be in the history being retrained."""
-    try:
-        git("merge-base", "--is-ancestor", commit, "HEAD")
-    except CommandFailed:
-        raise RuntimeError(f"the ingested commit {commit[:8]} is not in this clone's history "
-                           f"at {head_commit()[:8]}: was the branch rewritten?") from None
+def _check_ingested(commit: str, remote: str | None) -> None:
+    """The commit an ingest event names must be in the history retrained. Where it is not
+    (`fashionnet serve`'s workspace, behind the remote the ingest pushed to), the branch is
+    fast-forwarded to it from ``remote``, if that needs no merge and no local change is in
+    the way; else RuntimeError."""
+    def contains(ancestor: str, descendant: str) -> bool:
+        try:
+            git("merge-base", "--is-ancestor", ancestor, descendant)
+            return True
+        except CommandFailed:
+            return False
+
+    if contains(commit, "HEAD"):
+        return
+    head = head_commit()
+    if remote:
+        git("fetch", "--quiet", remote)
+        if contains(head, commit) and not uncommitted_changes():
+            git("merge", "--quiet", "--ff-only", commit)
+            get_run_logger().info("fast-forwarded from %s to the ingested commit %s", head[:8],
+                                  commit[:8])
+            return
+    raise RuntimeError(f"the ingested commit {commit[:8]} is not in this workspace's history at "
+                       f"{head[:8]}, and it cannot be fast-forwarded to it (local commits or "
+                       "changes, or no remote has it): pull, then retrain")
 
 
 def _settle(run: Candidate, params: Params, overrides: dict[str, Any], branch: str,
@@ -181,10 +200,10 @@ def retrain_flow(force: bool = False, seed: int | None = None,
         branch = current_branch()
         remote, storage = git_remote(), default_dvc_remote()
         unshallow(remote)
+        if ingested:
+            _check_ingested(ingested, remote)
         if storage:
             fetch_data()
-        if ingested:
-            _check_ingested(ingested)
         baseline = head_commit()
         name = name or experiments.dated_name("retrain", *_started(ingested),
                                               set(experiments.finished(baseline)))

@@ -227,3 +227,32 @@ def test_a_promotion_the_remote_refuses_leaves_no_tags_and_the_branch_where_it_w
         promotion()
     assert git(repo_copy, "tag") == "" and git(origin, "tag") == ""
     assert git(origin, "rev-parse", branch).strip() == baseline
+
+
+def test_served_workspace_behind_the_ingest_fast_forwards_to_it_or_refuses(
+        repo_copy, tmp_path, prefect_harness, monkeypatch):
+    from prefect import flow
+
+    from pipeline.retrain import _check_ingested
+
+    origin, other = tmp_path / "origin.git", tmp_path / "other"
+    git(tmp_path, "clone", "-q", "--bare", str(repo_copy), str(origin))
+    git(repo_copy, "remote", "add", "origin", str(origin))
+    git(tmp_path, "clone", "-q", str(origin), str(other))
+    (other / "data" / "incoming" / "manifest.csv").write_text("as if a batch came\n")
+    git(other, "commit", "-qam", "Ingest batch x")
+    git(other, "push", "-q")
+    ingested = git(other, "rev-parse", "HEAD").strip()
+
+    @flow
+    def check() -> None:
+        _check_ingested(ingested, "origin")
+
+    monkeypatch.chdir(repo_copy)
+    (repo_copy / "README.md").write_text("a local change\n")
+    with pytest.raises(RuntimeError, match=f"the ingested commit {ingested[:8]} is not in this "
+                                           "workspace's history .* pull, then retrain"):
+        check()
+    git(repo_copy, "checkout", "-q", "README.md")
+    check()  # the serve workspace, clean and behind: fast-forwarded
+    assert git(repo_copy, "rev-parse", "HEAD").strip() == ingested
