@@ -177,9 +177,9 @@ def test_a_run_past_the_deadline_is_stopped_with_its_process_group(tmp_path, raw
             started.append(self.running[name])
 
     pool = Recording(2, tmp_path)
-    # An ablation run that could not end for hours, and a deadline 8 s after its start.
+    # An ablation run that could not end for hours, and a deadline 3 s after its start.
     pool.run([("endless-s1", ["-S", "train.epochs=100000", "-S", "split.limit=600",
-                              "--out", str(tmp_path / "a.csv")])], time.monotonic() + 8)
+                              "--out", str(tmp_path / "a.csv")])], time.monotonic() + 3)
     out = capsys.readouterr().out
     assert "stop  endless-s1 (deadline)" in out and "done  endless-s1" not in out
     # Ended by the deadline's SIGINT (or the SIGKILL that follows one ignored), not by itself.
