@@ -1,17 +1,17 @@
 """The retraining demonstration of docs/retraining-demo.md, end to end through the CLI.
 
 A model is trained on a 12,000-image subset of the official training images (split.limit) and
-registered by its first retrain. 32,000 of the official training images neither the subset
-nor validation uses are written out as PNG files and ingested in 4 batches (`fashionnet ingest
---push`); after each, `fashionnet retrain` trains again on everything so far, with the recipe
-of recipes/fast.yaml (a quarter of the reference recipe's epochs), and the validation gate
-decides. Before the third batch, a copy of it with shuffled labels is
+registered by its first retrain. The rest of the official training images, those neither the
+subset nor validation uses, are written out as PNG files and ingested in 4 batches
+(`fashionnet ingest --push`); after each, `fashionnet retrain` trains again on everything so
+far with the reference recipe, and the validation gate decides. Before the third batch, a copy of it with shuffled labels is
 offered and refused. Everything happens in a scratch clone with its own git and DVC remotes;
 what it shows is written here: versions.csv and versions.png (one row per retrain),
 gto-history.txt, metrics-diff.txt and demo.bundle (the clone's history, its registry tags
 included: `git clone demo.bundle` and look around).
 
-Run from the repository root, with a Prefect server for the runs (about an hour on 2 cores):
+Run from the repository root, with a Prefect server for the runs (about 2.5 hours on 2 cores;
+`--recipe recipes/fast.yaml --per-batch 8000` takes about 40 minutes):
 
     python -m pipeline.prefect_server python docs/retraining-demo/demo.py
 """
@@ -123,10 +123,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fashionnet-retraining-demo"))
     parser.add_argument("--limit", type=int, default=12_000, help="the first model's images")
     parser.add_argument("--epochs", type=int, default=None, help="default: params.yaml's")
-    parser.add_argument("--per-batch", type=int, default=8_000,
-                        help="images per batch (0: all the rest, in 4 batches)")
-    parser.add_argument("--recipe", default="recipes/fast.yaml",
-                        help="applied to params.yaml ('': the reference recipe, 4x longer)")
+    parser.add_argument("--per-batch", type=int, default=0,
+                        help="images per batch (default: all the rest, in 4 batches)")
+    parser.add_argument("--recipe", default="",
+                        help="a recipe applied to params.yaml, for a shorter run: "
+                             "recipes/fast.yaml takes a quarter of the time")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     if not os.environ.get("PREFECT_API_URL"):
