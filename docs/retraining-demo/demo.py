@@ -4,11 +4,11 @@ A model is trained on a 12,000-image subset of the official training images (spl
 registered by its first retrain. The rest of the official training images, those neither the
 subset nor validation uses, are written out as PNG files and ingested in 4 batches
 (`fashionnet ingest --push`); after each, `fashionnet retrain` trains again on everything so
-far with the reference recipe, and the validation gate decides. Before the third batch, a copy of it with shuffled labels is
-offered and refused. Everything happens in a scratch clone with its own git and DVC remotes;
-what it shows is written here: versions.csv and versions.png (one row per retrain),
-gto-history.txt, metrics-diff.txt and demo.bundle (the clone's history, its registry tags
-included: `git clone demo.bundle` and look around).
+far with the reference recipe, and the validation gate decides. Before the third batch, a copy
+of it with shuffled labels is offered and refused. Everything happens in a scratch clone with
+its own git and DVC remotes; what it shows is written here: versions.csv and versions.png (one
+row per retrain), gto-history.txt, metrics-diff.txt and demo.bundle (the clone's history, its
+registry tags included: `git clone demo.bundle` and look around).
 
 Run from the repository root, with a Prefect server for the runs (about 2.5 hours on 2 cores;
 `--recipe recipes/fast.yaml --per-batch 8000` takes about 40 minutes):
