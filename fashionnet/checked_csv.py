@@ -14,9 +14,11 @@ from fashionnet.errors import DataError
 
 
 def read_table(path: str | os.PathLike[str], columns: Sequence[str],
-               text: Sequence[str] = (), allow_empty: bool = False) -> pd.DataFrame:
+               text: Sequence[str] = (), allow_empty: bool = False,
+               optional: Sequence[str] = ()) -> pd.DataFrame:
     """``path`` as a DataFrame, refused unless it has ``columns`` and rows (or only its header,
-    with ``allow_empty``), with finite numbers in every column but those named in ``text``."""
+    with ``allow_empty``), with finite numbers in every column but those named in ``text``;
+    the number columns named in ``optional`` may also be empty (NaN)."""
     path = Path(path)
     try:
         frame = pd.read_csv(path)
@@ -34,8 +36,10 @@ def read_table(path: str | os.PathLike[str], columns: Sequence[str],
         if column in text:
             bad = values.isna().any()
         else:
-            numbers = pd.to_numeric(values, errors="coerce")
-            bad = not np.isfinite(numbers.to_numpy(dtype=float)).all()
+            numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+            if column in optional:
+                numbers = numbers[values.notna().to_numpy()]
+            bad = not np.isfinite(numbers).all()
         if bad:
             what = "empty cells" if column in text else "a value that is not a finite number"
             raise DataError(path, f"column {column} holds {what}")

@@ -86,6 +86,27 @@ def seed_spread_table(seeds: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+DEMO_COLUMNS = ["version", "outcome", "experiment", "batches", "train_images", "val_accuracy",
+                "test_accuracy", "incoming_accuracy", "drift_accuracy"]
+
+
+def demo_table(demo: pd.DataFrame) -> pd.DataFrame:
+    """One row per retrain of the retraining demonstration: the version it was registered as
+    (or its refusal), what it trained on, and its accuracies; '-' where a figure does not
+    exist (no hold-out before the first batch, no drift without new images)."""
+    def percent(value: float) -> str:
+        return "-" if pd.isna(value) else f"{value:.2%}"
+
+    return pd.DataFrame([{
+        "version": row["version"], "gate": row["outcome"], "batches": int(row["batches"]),
+        "training images": f"{int(row['train_images']):,}",
+        "validation (decides)": percent(row["val_accuracy"]),
+        "test": percent(row["test_accuracy"]),
+        "incoming hold-out": percent(row["incoming_accuracy"]),
+        "drift (HEAD's model on the new batch)": percent(row["drift_accuracy"]),
+    } for row in demo.to_dict("records")])
+
+
 def sweep_table(sweep: pd.DataFrame) -> pd.DataFrame:
     """One row per grid point (metrics/sweep.csv): its params, accuracies and training time;
     the best validation accuracy in bold, since the validation set is what chooses."""

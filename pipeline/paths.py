@@ -25,6 +25,8 @@ TRAIN_INFO = Path("models/train_info.json")
 CHECKPOINT = Path("checkpoints/train.pt")
 
 METRICS_DIR = Path("metrics")
+# The retraining demonstration's versions (docs/retraining-demo/demo.py), shown by the report.
+RETRAINING_DEMO = Path("docs/retraining-demo/versions.csv")
 HISTORY = METRICS_DIR / "history.csv"
 METRICS_JSON = METRICS_DIR / "metrics.json"
 ACCURACY = METRICS_DIR / "accuracy.csv"

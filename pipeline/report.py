@@ -17,7 +17,7 @@ from fashionnet.data import CLASSES, HISTORY_COLUMNS, SPLITS
 from fashionnet.errors import DataError
 from fashionnet.figures import plot_confusion_matrix, plot_learning_curves
 from fashionnet.files import write_text
-from fashionnet.report import SEED_COLUMNS, SWEEP_COLUMNS
+from fashionnet.report import DEMO_COLUMNS, SEED_COLUMNS, SWEEP_COLUMNS
 from pipeline import paths
 from pipeline.params import Params
 from pipeline.report_text import render_markdown, run_description
@@ -54,6 +54,15 @@ def read_sweep(path: Path = paths.SWEEP) -> pd.DataFrame | None:
     return None if frame.empty else frame
 
 
+def read_demo(path: Path = paths.RETRAINING_DEMO) -> pd.DataFrame | None:
+    """The retraining demonstration's versions: None when it has not run; refused
+    (DataError) when its rows are not what it writes."""
+    if not path.exists():
+        return None
+    return read_table(path, DEMO_COLUMNS, text=["version", "outcome", "experiment"],
+                      optional=["incoming_accuracy", "drift_accuracy"])
+
+
 @flow(name="report")
 def report_flow(params: Params) -> Path:
     """The accuracy and per-class tables beside the reference result, the spread over training
@@ -86,7 +95,7 @@ def report_flow(params: Params) -> Path:
     recipe = {"epochs": info["params"]["train"]["epochs"],
               "limit": info["params"]["split"]["limit"]}
     markdown = render_markdown(accuracy, per_class, figures, run, read_seeds(), recipe,
-                               read_sweep(), val_images=info["val_images"])
+                               read_sweep(), read_demo(), val_images=info["val_images"])
     write_text(paths.REPORT, markdown)
     create_markdown_artifact(embed_figures(markdown, paths.REPORTS_DIR), key="fashionnet-report",
                              description="FashionNet accuracy and per-class report")

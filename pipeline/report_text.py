@@ -12,6 +12,7 @@ from fashionnet.data import CLASSES
 from fashionnet.reference import REFERENCE_ACCURACY, REFERENCE_PER_CLASS
 from fashionnet.report import (
     accuracy_table,
+    demo_table,
     markdown_table,
     per_class_table,
     seed_spread_table,
@@ -123,14 +124,31 @@ def differences_markdown(accuracy: Mapping[str, float], test_images: int,
     return "\n".join(f"- {item}" for item in items)
 
 
+def demo_markdown(demo: pd.DataFrame | None) -> str:
+    """The section on the retraining demonstration (docs/retraining-demo.md)."""
+    if demo is None:
+        return ("The retraining demonstration has not run here: `python -m "
+                "pipeline.prefect_server python docs/retraining-demo/demo.py` runs it "
+                "(docs/retraining-demo.md).")
+    first = int(demo["train_images"].iloc[0])
+    return (f"A model trained on {first:,} official training images, then retrained after "
+            f"each of {int(demo['batches'].max())} batches of new images, ingested as PNG files "
+            "with `fashionnet ingest --push`; a copy of the third with shuffled labels was "
+            "refused at ingest. The validation accuracy alone decides; validation and test "
+            "are the same images for every row (docs/retraining-demo.md).\n\n"
+            + markdown_table(demo_table(demo)))
+
+
 def render_markdown(accuracy: pd.DataFrame, report: pd.DataFrame,
                     figures: Mapping[str, str], run: Mapping[str, str],
                     seeds: pd.DataFrame | None = None,
                     recipe: Mapping[str, int] | None = None,
-                    sweep: pd.DataFrame | None = None, *, val_images: int) -> str:
+                    sweep: pd.DataFrame | None = None, demo: pd.DataFrame | None = None, *,
+                    val_images: int) -> str:
     """reports/report.md: what was run (``run``), the accuracy and per-class tables beside the
     reference result, the spread over training seeds (``seeds``, metrics/seeds.csv;
     ``recipe``: this run's epochs and limit), the last sweep (``sweep``, metrics/sweep.csv),
+    the retraining demonstration's versions (``demo``),
     why the figures differ from the reference's (``val_images``: the validation split's size),
     the figures (``figures``: title -> image URL, a relative path or a data: URI)."""
     run_lines = "\n".join(f"- **{key}**: {value}" for key, value in run.items())
@@ -161,6 +179,9 @@ test set, {test_images // len(CLASSES):,} per class.
 
 ## Sweep
 {sweep_markdown(sweep)}
+
+## New data, version by version
+{demo_markdown(demo)}
 
 ## Why these figures differ from the reference's
 {differences_markdown(by_split, test_images, val_images)}

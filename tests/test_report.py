@@ -14,7 +14,7 @@ from fashionnet import report
 from fashionnet.data import CLASSES
 from fashionnet.errors import DataError
 from pipeline import paths
-from pipeline.report import read_seeds, read_sweep
+from pipeline.report import read_demo, read_seeds, read_sweep
 from pipeline.report_text import render_markdown, seed_spread_markdown, sweep_markdown
 from pipeline.seeds import COLUMNS
 from pipeline.sweep import METRIC_COLUMNS
@@ -98,6 +98,35 @@ def test_read_sweep(tmp_path: Path):
         read_sweep(path)
 
 
+DEMO_CSV = """version,outcome,experiment,batches,train_images,val_accuracy,test_accuracy,\
+incoming_accuracy,drift_accuracy
+v0.0.1,promoted,demo-subset,0,12000,0.88,0.875,,
+-,refused,demo-batch-1,1,21450,0.879,0.88,0.9,0.87
+v0.0.2,promoted,demo-batch-2,2,30900,0.9,0.895,0.91,0.89
+"""
+
+
+def test_read_demo_keeps_the_figures_that_do_not_exist_empty_and_refuses_others(
+        tmp_path: Path):
+    path = tmp_path / "versions.csv"
+    assert read_demo(path) is None  # the demonstration has not run
+    path.write_text(DEMO_CSV)
+    demo = read_demo(path)
+    assert demo["version"].tolist() == ["v0.0.1", "-", "v0.0.2"]
+    table = report.demo_table(demo)
+    assert table.iloc[0].tolist() == ["v0.0.1", "promoted", 0, "12,000", "88.00%", "87.50%",
+                                      "-", "-"]
+    assert table.iloc[1]["gate"] == "refused" and table.iloc[1]["incoming hold-out"] == "90.00%"
+    text = render_markdown(*minimal_run(), demo=demo, val_images=6000)
+    assert "trained on 12,000 official training images, then retrained after each of 2 " in text
+    path.write_text(DEMO_CSV.replace("0.9,0.87", "high,0.87"))
+    with pytest.raises(DataError, match="column incoming_accuracy holds a value that is not"):
+        read_demo(path)
+    path.write_text(DEMO_CSV.replace("0.88,0.875", ",0.875"))  # the gate's figure is required
+    with pytest.raises(DataError, match="column val_accuracy"):
+        read_demo(path)
+
+
 def test_accuracy_and_per_class_tables_put_the_reference_result_beside_the_run():
     accuracy = pd.DataFrame({"split": ["train", "val", "test"],
                              "accuracy": [0.9511, 0.9255, 0.9165],
@@ -116,18 +145,23 @@ def test_accuracy_and_per_class_tables_put_the_reference_result_beside_the_run()
                                           "1000 (406)"]
 
 
-def test_report_sections_and_their_words_name_the_reference_not_the_seed():
+def minimal_run() -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str], dict[str, str]]:
+    """render_markdown's first arguments: accuracies, per-class metrics, figures, run."""
     accuracy = pd.DataFrame({"split": ["train", "val", "test"],
                              "accuracy": [0.95, 0.92, 0.91], "loss": [0.1, 0.2, 0.3]})
     per_class = pd.DataFrame({"class": CLASSES, "precision": [0.9] * 10, "recall": [0.9] * 10,
                               "f1-score": [0.9] * 10, "support": [1000] * 10})
-    text = render_markdown(accuracy, per_class, {"Learning curves": "curves.png"},
-                           {"data": "Fashion-MNIST"}, seeds_frame(), {"epochs": 60, "limit": 0},
+    return accuracy, per_class, {"Learning curves": "curves.png"}, {"data": "Fashion-MNIST"}
+
+
+def test_report_sections_and_their_words_name_the_reference_not_the_seed():
+    text = render_markdown(*minimal_run(), seeds_frame(), {"epochs": 60, "limit": 0},
                            sweep_frame(), val_images=6000)
     assert [line for line in text.splitlines() if line.startswith("#")] == [
         "# FashionNet report", "## What was run", "## Accuracy", "## Per-class test metrics",
-        "## Spread over training seeds", "## Sweep",
+        "## Spread over training seeds", "## Sweep", "## New data, version by version",
         "## Why these figures differ from the reference's", "## Figures"]
     assert "seed's" not in text and "the reference's single run" in text
+    assert "The retraining demonstration has not run here" in text
     assert "sampling error alone is ±0.45 points on 4,000 images and ±0.29 on 10,000" in text
     assert "![Learning curves](curves.png)" in text
