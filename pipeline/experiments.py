@@ -146,8 +146,10 @@ def _differences(experiment: Experiment, row: Mapping[str, Any]) -> list[str]:
     def same(held: Any, value: Any) -> bool:  # dvc.api.exp_show gives some values as text
         if held == value or not isinstance(held, str):
             return held == value
+        if held == str(value):  # DVC's str(): 'None', 'True', "['http://...']"
+            return True
         try:
-            return yaml.safe_load(held) == value  # 'True', '[a, b]'
+            return yaml.safe_load(held) == value  # '3e-3'
         except yaml.YAMLError:
             return False
 

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline import experiments
 from pipeline.experiments import Experiment, ExperimentConflict
+from pipeline.params import load_params
 from tests.helpers import REPO
 
 
@@ -26,6 +27,10 @@ def test_an_experiment_with_the_same_name_and_params_is_not_run_again(monkeypatc
     same = Experiment("seed-7", {"train.seed": 7, "train.lr": "3e-3", "evaluate.tta": True})
     assert experiments.to_run([same], "a" * 40, {"seed-7": {**done["seed-7"],
                                                            "evaluate.tta": "True"}}) == []
+    # A null and a list as DVC writes them, with str(): 'None', "['http://...']".
+    mirrors = str(list(load_params().download.mirrors))
+    assert experiments.to_run([seven], "a" * 40, {"seed-7": {
+        **done["seed-7"], "download.source_dir": "None", "download.mirrors": mirrors}}) == []
 
 
 def test_an_experiment_of_that_name_with_other_params_is_refused_naming_it(monkeypatch):
