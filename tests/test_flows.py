@@ -56,6 +56,7 @@ class Ran(NamedTuple):
 
     work: Path  # the scratch directory the stages ran in
     live: list[Epoch]
+    train_run: UUID  # the train flow's run
     report_run: UUID  # the report flow's run
 
 
@@ -79,12 +80,12 @@ def ran(prefect_harness, raw_dir: Path, tmp_path_factory: pytest.TempPathFactory
             return update(artifact_id, progress, description)
 
         mp.setattr(train_module, "update_progress_artifact", record)
-        history = train_flow(params)
-        assert [s.epoch for s in history] == [1, 2]
+        trained = train_flow(params, return_state=True)
+        assert [s.epoch for s in trained.result()] == [1, 2]
         evaluate_flow(params)
         report = report_flow(params, return_state=True)
         assert report.is_completed()
-    return Ran(work, live, report.state_details.flow_run_id)
+    return Ran(work, live, trained.state_details.flow_run_id, report.state_details.flow_run_id)
 
 
 def test_train_outputs(ran: Ran):
@@ -267,7 +268,11 @@ def test_training_shows_its_progress_after_every_epoch(ran: Ran):
     """After each epoch, metrics/history.csv holds every epoch so far (`dvc plots show` works
     mid-run) and the Prefect progress artifact moves."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
     assert [epoch.progress for epoch in ran.live] == [50.0, 100.0]
     final = (ran.work / paths.HISTORY).read_text()
@@ -277,6 +282,7 @@ def test_training_shows_its_progress_after_every_epoch(ran: Ran):
     assert [epoch.description for epoch in ran.live] == [
         f"training: {n} of 2 epochs, validation accuracy {accuracy[n - 1]:.2%}" for n in (1, 2)]
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY])))
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(  # this run's: the
+            key=ArtifactFilterKey(any_=[PROGRESS_KEY]),  # suite's server holds others' too
+            flow_run_id=ArtifactFilterFlowRunId(any_=[ran.train_run])))
     assert artifact.type == "progress" and artifact.data == 100.0
