@@ -21,6 +21,7 @@ from fashionnet.idx import RAW_FILES, load_raw
 from fashionnet.train import train_epoch
 from pipeline.prefect_server import prefect_server
 from tests.helpers import copy_repo, repo_env
+from tests.ingest_helpers import project, ws  # noqa: F401 (fixtures)
 from tests.predict_helpers import write_pngs
 from tests.servers import authed_prefect, git_remote, remotes, s3  # noqa: F401 (fixtures)
 

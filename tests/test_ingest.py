@@ -1,89 +1,18 @@
 """`fashionnet ingest` on real Fashion-MNIST images in a copy of the repository: every input it
-takes, every refusal (exit 2, the file named, data/incoming/ unchanged), a batch ingested twice,
-the label check, the dry run, a failure while writing, and the workspace lock."""
+takes, a batch ingested twice, the dry run, a failure while writing, the workspace lock and a
+push. Its refusals: tests/test_ingest_refusals.py."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
-from PIL import Image
 
-from fashionnet.data import CLASSES, save_split
-from fashionnet.evaluate import evaluate
 from fashionnet.incoming import SLUGS, load_batch
-from fashionnet.recipe import TrainConfig
-from fashionnet.split import SplitConfig, stratified_split
-from fashionnet.train import init_model, train
 from pipeline import paths
 from pipeline.workspace import workspace_lock
-from tests.helpers import copy_repo, git
-
-SPLIT = SplitConfig(val_size=1000, limit=2000, seed=42)
-
-
-@pytest.fixture(scope="module")
-def project(official, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
-    """data/prepared/ of a small split, a model trained briefly on it and its metrics, as the
-    pipeline writes them; and the index of the official training images in no split."""
-    root = tmp_path_factory.mktemp("project")
-    full, test = official
-    train_idx, val_idx = stratified_split(full.labels.numpy(), SPLIT)
-    save_split(root / paths.PREPARED["train"], full.subset(train_idx), train_idx)
-    save_split(root / paths.PREPARED["val"], full.subset(val_idx), val_idx)
-    save_split(root / paths.PREPARED["test"], test, np.arange(len(test)))
-    model = init_model(1)
-    train(model, full.subset(train_idx), full.subset(val_idx),
-          TrainConfig(epochs=2, batch_size=64, device="cpu", precision="float32"))
-    (root / paths.MODEL).parent.mkdir(parents=True)
-    torch.save(model.state_dict(), root / paths.MODEL)
-    val = evaluate(model, full.subset(val_idx)).accuracy
-    (root / paths.METRICS_JSON).parent.mkdir(parents=True)
-    (root / paths.METRICS_JSON).write_text(json.dumps({"accuracy": {"val": val}}))
-    unused = np.setdiff1d(np.arange(len(full)), np.concatenate([train_idx, val_idx]))
-    return root, {"train": train_idx, "val": val_idx, "unused": unused}
-
-
-@pytest.fixture
-def ws(tmp_path, project) -> Path:
-    """A checkout with the project's data and model, committed."""
-    repo = copy_repo(tmp_path / "repo")
-    for part in (paths.PREPARED_DIR, paths.MODEL.parent):
-        shutil.copytree(project[0] / part, repo / part)
-    shutil.copy(project[0] / paths.METRICS_JSON, repo / paths.METRICS_JSON)
-    return repo
-
-
-def png(path: Path, image: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(image)).save(path)
-    return path
-
-
-def state(repo: Path) -> dict[str, str]:
-    """data/incoming/'s files and their digests, and anything staged beside it."""
-    found = {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted((repo / "data").glob("incoming*/**/*")) if p.is_file()}
-    return {**found, "siblings": " ".join(sorted(p.name for p in (repo / "data").iterdir()))}
-
-
-def class_dirs(root: Path, official, index: np.ndarray, slugs: bool = False) -> Path:
-    """PNG files of official training images ``index`` in class subdirectories."""
-    full = official[0]
-    for i in index:
-        label = int(full.labels[i])
-        png(root / (SLUGS[label] if slugs else str(label)) / f"{i}.png", full.images[i].numpy())
-    return root
-
-
-def batches(repo: Path) -> list[str]:
-    return (repo / paths.MANIFEST).read_text().splitlines()[1:]
+from tests.helpers import git
+from tests.ingest_helpers import batches, class_dirs, png, state, write_idx
 
 
 def test_class_directories_become_one_batch_with_its_manifest_row(ws, cli, official, project,
@@ -148,106 +77,6 @@ def test_files_with_a_label_a_labels_csv_an_npz_and_an_idx_pair(ws, cli, officia
         full.labels[index[9:]].tolist()]
     assert np.array_equal(np.concatenate([images for images, _ in got]),
                           full.images[index].numpy())
-
-
-def write_idx(path: Path, array: np.ndarray, ndim: int) -> None:
-    header = bytes([0, 0, 8, ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
-    path.write_bytes(header + np.ascontiguousarray(array, np.uint8).tobytes())
-
-
-def refused(cli, ws: Path, *args: str) -> str:
-    """The one line a refused ingest prints; the test fails unless it exits 2 and changes
-    nothing in data/incoming/."""
-    before = state(ws)
-    code, out, err = cli(ws, "ingest", *args)
-    assert code == 2, out + err
-    (line,) = err.splitlines()
-    assert state(ws) == before
-    return line
-
-
-def test_unreadable_files_are_refused_naming_the_first_and_counting_the_rest(ws, cli, tmp_path):
-    for name in ("a.png", "b.png", "c.png"):
-        (tmp_path / "in" / "3").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "in" / "3" / name).write_text("not an image")
-    line = refused(cli, ws, str(tmp_path / "in"))
-    assert line == (f"fashionnet ingest: error: {tmp_path}/in/3/a.png: not an image file "
-                    "Pillow can read (and 2 more files)")
-
-
-@pytest.mark.parametrize("case", ["unknown class", "empty", "no label"])
-def test_a_batch_without_classes_or_images_is_refused(ws, cli, official, tmp_path, case):
-    source = tmp_path / "in"
-    if case == "unknown class":
-        png(source / "jacket" / "x.png", official[0].images[0].numpy())
-        expected = f"{source}/jacket: unknown class 'jacket'"
-    elif case == "empty":
-        (source / "7").mkdir(parents=True)
-        expected = f"{source}/7: directory holds no image, .npz or IDX files"
-    else:
-        source = png(tmp_path / "x.png", official[0].images[0].numpy())
-        expected = f"{source}: has no label"
-    assert refused(cli, ws, str(source)).startswith(f"fashionnet ingest: error: {expected}")
-
-
-def test_a_labels_csv_follows_links_and_refuses_a_file_labelled_twice(ws, cli, official,
-                                                                      project, tmp_path):
-    full = official[0]
-    i = project[1]["unused"][0]
-    png(tmp_path / "photos" / "a.png", full.images[i].numpy())
-    (tmp_path / "linked").symlink_to(tmp_path / "photos")
-    table = tmp_path / "labels.csv"
-    table.write_text(f"file,label\nlinked/a.png,{SLUGS[int(full.labels[i])]}\n"
-                     "photos/../photos/a.png,sandal\n")
-    assert refused(cli, ws, str(tmp_path / "photos"), "--labels", str(table)) == (
-        f"fashionnet ingest: error: {table}: line 3: photos/../photos/a.png is labelled "
-        "'sandal' here and otherwise on line 2")
-    table.write_text(f"linked/a.png,{int(full.labels[i])}\n")  # the file given by its own path
-    code, out, err = cli(ws, "ingest", str(tmp_path / "photos"), "--labels", str(table))
-    assert code == 0 and "add: 1 images" in out, out + err
-
-
-def test_leaked_and_conflicting_images_are_refused(ws, cli, official, project, tmp_path):
-    full, test = official
-    val_image = full.images[project[1]["val"][5]].numpy()
-    png(tmp_path / "val" / "1" / "v.png", val_image)
-    assert refused(cli, ws, str(tmp_path / "val")).endswith(
-        f"{tmp_path}/val/1/v.png: is identical to a validation image: the yardstick would lie")
-    png(tmp_path / "test" / "2" / "t.png", test.images[7].numpy())
-    assert refused(cli, ws, str(tmp_path / "test")).endswith("is identical to a test image: "
-                                                             "the yardstick would lie")
-    i = project[1]["unused"][0]
-    other = (int(full.labels[i]) + 1) % 10
-    for label in (int(full.labels[i]), other):
-        png(tmp_path / "twice" / str(label) / "same.png", full.images[i].numpy())
-    first, second = sorted((int(full.labels[i]), other))  # class directories in order
-    assert refused(cli, ws, str(tmp_path / "twice")).endswith(
-        f"{tmp_path}/twice/{second}/same.png: is already labelled {CLASSES[first]!r}, here "
-        f"{CLASSES[second]!r}")
-    j = project[1]["train"][0]
-    wrong = (int(full.labels[j]) + 3) % 10
-    png(tmp_path / "relabel" / str(wrong) / "t.png", full.images[j].numpy())
-    assert refused(cli, ws, str(tmp_path / "relabel")).endswith(
-        f"{tmp_path}/relabel/{wrong}/t.png: is already labelled "
-        f"{CLASSES[int(full.labels[j])]!r}, here {CLASSES[wrong]!r}")
-
-
-def test_shuffled_labels_are_refused_unless_forced(ws, cli, official, project, tmp_path):
-    full = official[0]
-    index = project[1]["unused"][:200]
-    shuffled = np.random.default_rng(0).permutation(full.labels[index].numpy())
-    np.savez(tmp_path / "shuffled.npz", images=full.images[index].numpy(), labels=shuffled)
-    line = refused(cli, ws, str(tmp_path / "shuffled.npz"))
-    assert "the current model disagrees with" in line and "implausible" in line
-    assert line.endswith("check the labels, or ingest with --force")
-    np.savez(tmp_path / "true.npz", images=full.images[index].numpy(),
-             labels=full.labels[index].numpy())
-    code, out, err = cli(ws, "ingest", str(tmp_path / "true.npz"), "--dry-run")
-    assert code == 0 and "disagreements plausible (p = " in out, out + err
-    assert "implausible" not in out
-    code, out, err = cli(ws, "ingest", str(tmp_path / "shuffled.npz"), "--force")
-    assert code == 0, out + err
-    assert len(batches(ws)) == 1
 
 
 def test_a_dry_run_reports_and_writes_nothing(ws, cli, official, project, tmp_path):
