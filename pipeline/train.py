@@ -52,6 +52,14 @@ def fit(model: FashionNet, train_set: LabeledImages, val_set: LabeledImages,
     return train(model, train_set, val_set, cfg, checkpoint, on_epoch=on_epoch)
 
 
+def save_model(model: FashionNet, path: Path) -> None:
+    """``model``'s state_dict at ``path``, atomically; the file's bytes depend on the weights
+    alone. (Given a path, torch.save names the archive's folder in the file after it, here a
+    random temporary name, so every run wrote a file of its own md5; given a file, "archive".)"""
+    with atomic_path(path) as tmp, tmp.open("wb") as file:
+        torch.save(model.cpu().state_dict(), file)
+
+
 @flow(name="train")
 def train_flow(params: Params) -> list[EpochStats]:
     """models/fashionnet.pt (state_dict), metrics/history.csv, models/train_info.json."""
@@ -61,8 +69,7 @@ def train_flow(params: Params) -> list[EpochStats]:
     device = resolve_device(cfg.device)
     model = init_model(cfg.seed)
     history = fit(model, train_set, val_set, cfg, paths.CHECKPOINT)
-    with atomic_path(paths.MODEL) as tmp:
-        torch.save(model.cpu().state_dict(), tmp)
+    save_model(model, paths.MODEL)
     write_history(history)
     info = {  # what the report states about the run
         "started": started.isoformat(timespec="seconds"),

@@ -77,3 +77,16 @@ def test_good_model_file_loads(tmp_path):
     loaded = load_weights(tmp_path / "fashionnet.pt", FashionNet())
     for name, tensor in saved.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
+
+
+def test_the_model_file_depends_on_the_weights_alone(tmp_path: Path):
+    """The same weights make the same bytes, whatever the file's name and whenever written, so
+    the train stage's md5 in dvc.lock changes only when the model does."""
+    from fashionnet.train import init_model
+    from pipeline.train import save_model
+
+    model = init_model(3)
+    save_model(model, tmp_path / "fashionnet.pt")
+    save_model(model, tmp_path / "other.pt")
+    assert (tmp_path / "fashionnet.pt").read_bytes() == (tmp_path / "other.pt").read_bytes()
+    load_weights(tmp_path / "other.pt", FashionNet())  # and a file the model loads
