@@ -45,13 +45,16 @@ repro: setup data
 	@if dvc status --quiet; then dvc repro; else python -m pipeline.prefect_server dvc repro; fi
 
 ## test: the whole test suite, as CI runs it (needs the real data: Debian's package or
-## FASHIONNET_SOURCE_DIR)
+## FASHIONNET_SOURCE_DIR), on two workers, a test module each at a time (pytest-xdist; most
+## tests wait on servers and processes, so two share 2 cores well), the longest modules first
+## (tests/conftest.py). `pytest` alone runs them one by one.
+PYTEST_WORKERS ?= 2
 test: setup data
-	pytest
+	pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## test-fast: the everyday tier, without the end-to-end runs marked slow
 test-fast: setup data
-	pytest -m "not slow"
+	pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: setup
 	ruff check .
