@@ -55,12 +55,13 @@ def read_sweep(path: Path = paths.SWEEP) -> pd.DataFrame | None:
 
 
 def read_demo(path: Path = paths.RETRAINING_DEMO) -> pd.DataFrame | None:
-    """The retraining demonstration's versions: None when it has not run; refused
-    (DataError) when its rows are not what it writes."""
+    """The retraining demonstration's versions: None when it has not run (no file, or its
+    header only); refused (DataError) when its rows are not what it writes."""
     if not path.exists():
         return None
-    return read_table(path, DEMO_COLUMNS, text=["version", "outcome", "experiment"],
-                      optional=["incoming_accuracy", "drift_accuracy"])
+    frame = read_table(path, DEMO_COLUMNS, text=["version", "outcome", "experiment"],
+                       allow_empty=True, optional=["incoming_accuracy", "drift_accuracy"])
+    return None if frame.empty else frame
 
 
 @flow(name="report")

@@ -135,7 +135,8 @@ def demo_markdown(demo: pd.DataFrame | None) -> str:
             f"each of {int(demo['batches'].max())} batches of new images, ingested as PNG files "
             "with `fashionnet ingest --push`; a copy of the third with shuffled labels was "
             "refused at ingest. The validation accuracy alone decides; validation and test "
-            "are the same images for every row (docs/retraining-demo.md).\n\n"
+            "are the same images for every row. Its recipe and run: docs/retraining-demo.md."
+            "\n\n"
             + markdown_table(demo_table(demo)))
 
 

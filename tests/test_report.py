@@ -110,6 +110,8 @@ def test_read_demo_keeps_the_figures_that_do_not_exist_empty_and_refuses_others(
         tmp_path: Path):
     path = tmp_path / "versions.csv"
     assert read_demo(path) is None  # the demonstration has not run
+    path.write_text(DEMO_CSV.splitlines()[0] + "\n")
+    assert read_demo(path) is None  # its header only: a project that has not run it
     path.write_text(DEMO_CSV)
     demo = read_demo(path)
     assert demo["version"].tolist() == ["v0.0.1", "-", "v0.0.2"]
