@@ -45,10 +45,10 @@ repro: setup data
 	@if dvc status --quiet; then dvc repro; else python -m pipeline.prefect_server dvc repro; fi
 
 ## test: the whole test suite, as CI runs it (needs the real data: Debian's package or
-## FASHIONNET_SOURCE_DIR), on two workers, a test module each at a time (pytest-xdist; most
-## tests wait on servers and processes, so two share 2 cores well), the longest modules first
-## (tests/conftest.py). `pytest` alone runs them one by one.
-PYTEST_WORKERS ?= 2
+## FASHIONNET_SOURCE_DIR), on three workers, a test module each at a time (pytest-xdist; most
+## tests wait on servers and processes: on 2 cores, 3 workers took 672 s, 2 took 731 s, and
+## one about 15 minutes), the longest modules first (tests/conftest.py). `pytest` alone: one.
+PYTEST_WORKERS ?= 3
 test: setup data
 	pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

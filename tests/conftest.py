@@ -138,9 +138,9 @@ def model_file(official, tmp_path_factory) -> Path:
     return path
 
 
-# The longest modules (2-6 minutes each on 2 cores) first: `make test` runs the suite on two
+# The longest modules (2-6 minutes each on 2 cores) first: `make test` runs the suite on
 # pytest-xdist workers a module at a time (--dist loadfile, so that a module's fixtures are
-# built once), and a long module started last would leave one worker idle at the end.
+# built once), and a long module started last would leave the other workers idle at the end.
 LONGEST_FIRST = ("test_sweep_e2e.py", "test_seeds.py", "test_retrain_e2e.py",
                  "test_ingest_e2e.py", "test_resume.py", "test_prefect_server.py",
                  "test_processes.py", "test_cli.py")
