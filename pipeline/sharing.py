@@ -67,11 +67,11 @@ def share_incoming() -> str | None:
     --push, a push that broke off), so `fashionnet ingest --push` run again finishes it."""
     remote = workspace.git_remote() or "origin"
     ref = workspace.upstream_ref(workspace.current_branch())
-    pending = [b for b in manifest.read(paths.MANIFEST)["batch"]
-               if b not in _on_remote(remote, ref)]
+    batches = manifest.read(paths.MANIFEST)
+    pending = [b for b in batches["batch"] if b not in _on_remote(remote, ref)]
     if workspace.git("status", "--porcelain", "--", str(paths.INCOMING_DIR)).strip():
-        rows = manifest.read(paths.MANIFEST)
-        rows = rows[~rows["batch"].isin(_batches(workspace.show("HEAD", paths.MANIFEST)))]
+        rows = batches[~batches["batch"].isin(_batches(workspace.show("HEAD",
+                                                                      paths.MANIFEST)))]
         sources = [source for listed in rows["sources"] for source in json.loads(listed)]
         shown = ", ".join(sources[:3]) + (f" and {len(sources) - 3} more"
                                           if len(sources) > 3 else "")
